@@ -1,0 +1,30 @@
+"""taskbalance: how should the losses (or gradients) of several tasks become one update?"""
+
+from __future__ import annotations
+
+from taskbalance import strategies as _strategies  # noqa: F401  (registers the built-ins)
+from taskbalance.losses import MultiTaskLoss
+from taskbalance.registry import create_strategy, list_strategies, register_strategy
+from taskbalance.strategy import (
+    GradientAggregation,
+    LossWeighting,
+    NonFiniteLossError,
+    StepReport,
+    Strategy,
+    StrategyError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientAggregation",
+    "LossWeighting",
+    "MultiTaskLoss",
+    "NonFiniteLossError",
+    "StepReport",
+    "Strategy",
+    "StrategyError",
+    "create_strategy",
+    "list_strategies",
+    "register_strategy",
+]

@@ -1,0 +1,142 @@
+"""The strategy registry: one decorator records a strategy; names are looked up with fnmatch.
+
+Third-party packages add strategies through the entry-point group ``taskbalance.strategies``:
+each entry point names a :class:`~taskbalance.Strategy` subclass (registered under the entry
+point's name unless it registered itself with ``@register_strategy``) or a module whose import
+registers its strategies. Entry points are loaded once, on the first look-up.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, TypeVar
+
+from taskbalance.strategy import Strategy, StrategyError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "StrategyInfo",
+    "create_strategy",
+    "list_strategies",
+    "register_strategy",
+    "strategy_info",
+]
+
+ENTRY_POINT_GROUP = "taskbalance.strategies"
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class StrategyInfo:
+    """What the registry knows of a strategy."""
+
+    name: str
+    cls: type[Strategy]
+    paper: str
+    needs_grads: bool
+    stateful: bool
+    deterministic: bool
+
+
+_REGISTRY: dict[str, StrategyInfo] = {}
+_entry_points_loaded = False
+
+S = TypeVar("S", bound=type[Strategy])
+
+
+def register_strategy(name: str, *, paper: str = "", stateful: bool = False) -> Callable[[S], S]:
+    """Class decorator: register a :class:`Strategy` subclass under ``name``.
+
+    ``paper`` cites the method's paper; ``stateful`` says whether the strategy keeps state
+    across steps (learned weights, running statistics, a random generator). ``needs_grads`` and
+    ``deterministic`` are read from the class.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise StrategyError(
+            f"strategy name must be lower case letters, digits and underscores, got {name!r}"
+        )
+
+    def decorate(cls: S) -> S:
+        if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+            raise StrategyError(f"register_strategy({name!r}) needs a Strategy subclass, got {cls!r}")
+        known = _REGISTRY.get(name)
+        if known is not None and known.cls.__qualname__ != cls.__qualname__:
+            raise StrategyError(f"strategy {name!r} is already registered to {known.cls.__qualname__}")
+        _REGISTRY[name] = StrategyInfo(
+            name=name,
+            cls=cls,
+            paper=paper,
+            needs_grads=cls.needs_grads,
+            stateful=stateful,
+            deterministic=cls.deterministic,
+        )
+        return cls
+
+    return decorate
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry_point.load()
+        except Exception as error:  # a broken plug-in must not break taskbalance
+            warnings.warn(
+                f"taskbalance: could not load strategy plug-in {entry_point.name!r} "
+                f"({entry_point.value}): {error}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        if inspect.isclass(loaded) and issubclass(loaded, Strategy):
+            if not any(info.cls is loaded for info in _REGISTRY.values()):
+                register_strategy(entry_point.name)(loaded)
+
+
+def list_strategies(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered strategies matching the fnmatch ``pattern``."""
+    _load_entry_points()
+    return sorted(fnmatch.filter(_REGISTRY, pattern.lower()))
+
+
+def strategy_info(name: str) -> StrategyInfo:
+    """The registry's record for ``name``; an unknown name lists the close matches."""
+    _load_entry_points()
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(str(name).lower(), list(_REGISTRY), n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise StrategyError(
+            f"unknown strategy {name!r}{hint} (tb.list_strategies() lists all "
+            f"{len(_REGISTRY)})"
+        )
+    return _REGISTRY[key]
+
+
+def create_strategy(name: str, tasks: Sequence[str], **kwargs: Any) -> Strategy:
+    """Build the strategy registered as ``name`` for ``tasks`` with keyword arguments."""
+    info = strategy_info(name)
+    accepted = [
+        p.name
+        for p in inspect.signature(info.cls).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY or p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+    for key in kwargs:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            options = ", ".join(a for a in accepted if a != "tasks")
+            raise StrategyError(
+                f"strategy {info.name!r} takes no argument {key!r}{hint} (it takes: {options})"
+            )
+    return info.cls(tasks, **kwargs)

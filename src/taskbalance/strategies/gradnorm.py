@@ -1,0 +1,115 @@
+"""GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from taskbalance.registry import register_strategy
+from taskbalance.strategy import (
+    LossWeighting,
+    StepReport,
+    StrategyError,
+    TaskParameterOptimizer,
+    per_task_jacobian,
+)
+
+_MIN_WEIGHT = 1e-6  # weights are kept positive: clamped here before renormalising
+
+
+@register_strategy(
+    "gradnorm",
+    paper="Chen, Badrinarayanan, Lee & Rabinovich, 'GradNorm: Gradient Normalization for "
+    "Adaptive Loss Balancing in Deep Multitask Networks', ICML 2018, arXiv:1711.02257",
+    stateful=True,
+)
+class GradNorm(LossWeighting):
+    """GradNorm: learn task weights so that the weighted gradient norms train tasks at equal rates.
+
+    Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for Adaptive Loss
+    Balancing in Deep Multitask Networks", ICML 2018, arXiv:1711.02257, Algorithm 1. Per step,
+    with ``W`` the tensors passed as ``shared_params`` (or ``features``):
+
+    * ``G_i = ‖∇_W (w_i L_i)‖ = w_i ‖∇_W L_i‖`` and ``Ḡ`` their mean;
+    * ``L̃_i = L_i / L_i(0)``, ``r_i = L̃_i / mean_j L̃_j``;
+    * ``L_grad = Σ_i |G_i − stopgrad(Ḡ · r_i^α)|``, whose gradient w.r.t. ``w_i`` is
+      ``sign(G_i − target_i) · ‖∇_W L_i‖`` (the target is a constant, as in the paper);
+    * the model takes the gradient of ``Σ w_i(t) L_i`` (the weights before their update), then
+      ``w`` takes one step on ``L_grad`` and is renormalised so that ``Σ_i w_i = T``.
+
+    Choices the paper leaves open, and the ones made here:
+
+    * ``W``: pass the last shared layer's parameters as ``shared_params`` (the paper's choice,
+      and much cheaper than the whole trunk); ``features=`` uses the shared representation.
+    * ``L_i(0)``: the loss of task ``i`` at the first step in which it appears.
+    * Optimizer of ``w``: Adam (``optimizer="sgd"`` is the other choice) with ``lr = 0.025``, the
+      paper's value for its NYUv2 runs. ``alpha = 1.5`` (the paper's NYUv2 value; its toy uses
+      0.12).
+    * Positivity: weights are clamped at 1e-6 before renormalising.
+    * Partial labels: only the present tasks enter ``Ḡ`` and ``r``; their weights are
+      renormalised to keep their sum, so the absent tasks' weights and ``Σ w = T`` are kept.
+
+    Without gradients (``s(losses)`` under ``torch.no_grad()``) it returns ``Σ w_i L_i``.
+    """
+
+    needs_grads = True
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        alpha: float = 1.5,
+        lr: float = 0.025,
+        optimizer: Literal["adam", "sgd"] = "adam",
+    ) -> None:
+        super().__init__(tasks)
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise StrategyError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        self.alpha = alpha
+        count = len(self.tasks)
+        self.register_buffer("task_weights", torch.ones(count))
+        self.register_buffer("initial_losses", torch.ones(count))
+        self.register_buffer("seen", torch.zeros(count, dtype=torch.bool))
+        self.weight_optimizer = TaskParameterOptimizer((count,), kind=optimizer, lr=lr)
+
+    def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
+        return self.task_weights[index]
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared_params: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> StepReport:
+        batch = self.gather(losses)
+        self._require_graph(batch)
+        inputs = self._grad_inputs(shared_params, features)
+        index, mask = batch.index, batch.mask
+        with self.transaction():
+            norms = per_task_jacobian(batch, inputs, scaler).norm(dim=1).float()
+            current = self.loss_weights(batch.values, index).clone()
+            detached = batch.values.detach().float()
+            initial = torch.where(self.seen[index], self.initial_losses[index], detached)
+            ratios = detached / initial
+            rates = ratios / ratios.mean()
+            weighted_norms = current * norms
+            target = weighted_norms.mean() * rates**self.alpha
+            grad = torch.zeros_like(self.task_weights)
+            grad[index] = torch.sign(weighted_norms - target) * norms
+
+            total = (current.to(batch.values.dtype) * batch.values).sum()
+            (total if scaler is None else scaler.scale(total)).backward()
+
+            with torch.no_grad():
+                self.initial_losses[index] = initial
+                self.seen[index] = True
+                self.weight_optimizer.step(self.task_weights, grad, mask)
+                updated = self.task_weights[index].clamp(min=_MIN_WEIGHT)
+                self.task_weights[index] = updated * (current.sum() / updated.sum())
+        return self.report(batch, current)

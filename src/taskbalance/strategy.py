@@ -1,0 +1,641 @@
+"""Base classes shared by every strategy.
+
+A strategy answers one question: given the losses of several tasks, what single update should the
+model take? Two families answer it differently:
+
+* :class:`LossWeighting` turns the loss vector into weights; the update is the gradient of
+  ``sum(w_i * L_i)``. It works as a plain differentiable combination (``s(losses).backward()``)
+  and through ``s.backward(losses)``.
+* :class:`GradientAggregation` turns the per-task gradients (their Jacobian, or its Gramian) into
+  one update direction; it needs ``s.backward(losses, shared_params=...)`` or ``features=...``.
+
+Combining weights with losses or gradients, validating the input, keeping the state
+transactional and building the :class:`StepReport` are written once, here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from taskbalance.jacobian import gramian, jacobian
+
+__all__ = [
+    "GradientAggregation",
+    "LossWeighting",
+    "NonFiniteLossError",
+    "StepReport",
+    "Strategy",
+    "StrategyError",
+    "TaskParameterOptimizer",
+]
+
+
+class StrategyError(ValueError):
+    """Bad input to a strategy; the message names the task or argument at fault."""
+
+
+class NonFiniteLossError(StrategyError):
+    """A task loss is NaN or infinite. Nothing was updated."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one step did, kept as tensors so that building it never syncs with the device.
+
+    ``loss_values`` and ``weight_values`` hold one entry per task in ``tasks`` (the tasks present
+    in this step, in the strategy's order). ``extras`` holds further per-task vectors that a
+    strategy wants to log (for example ``"log_var"``). Converting to Python floats happens only in
+    :meth:`to_dict`.
+    """
+
+    tasks: tuple[str, ...]
+    loss_values: Tensor
+    weight_values: Tensor
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def losses(self) -> dict[str, Tensor]:
+        return dict(zip(self.tasks, self.loss_values.unbind()))
+
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        return dict(zip(self.tasks, self.weight_values.unbind()))
+
+    def to_dict(self, prefix: str = "") -> dict[str, float]:
+        """Floats keyed ``{prefix}loss/<task>``, ``{prefix}weight/<task>``, ``{prefix}<extra>/<task>``.
+
+        This is the one place that copies to the host (a single transfer for all values).
+        """
+        groups = {"loss": self.loss_values, "weight": self.weight_values, **self.extras}
+        flat = torch.cat([v.detach().reshape(-1).float() for v in groups.values()]).tolist()
+        out: dict[str, float] = {}
+        position = 0
+        for key in groups:
+            for task in self.tasks:
+                out[f"{prefix}{key}/{task}"] = flat[position]
+                position += 1
+        return out
+
+
+class TaskParameterOptimizer(nn.Module):
+    """Adam or SGD for a strategy's own per-task tensor, with its state in buffers.
+
+    The tensor it updates has one entry per task along dimension 0. A step updates only the
+    entries of the tasks marked in ``mask`` and each entry keeps its own step count, so a task
+    missing from a batch (partial labels) keeps its value and its moments exactly. With every task
+    present it computes what ``torch.optim.Adam`` (L2 ``weight_decay``) or ``torch.optim.SGD``
+    computes. Because the state is in buffers, ``state_dict()`` and ``.to(device)`` cover it.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        *,
+        kind: Literal["adam", "sgd"] = "adam",
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if kind not in ("adam", "sgd"):
+            raise StrategyError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise StrategyError(f"lr must be a positive finite number, got {lr!r}")
+        if weight_decay < 0:
+            raise StrategyError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.kind = kind
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        if kind == "adam":
+            self.register_buffer("step_count", torch.zeros(shape[0]))
+            self.register_buffer("exp_avg", torch.zeros(*shape))
+            self.register_buffer("exp_avg_sq", torch.zeros(*shape))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, lr={self.lr}, weight_decay={self.weight_decay}"
+
+    @torch.no_grad()
+    def step(self, target: Tensor, grad: Tensor, mask: Tensor) -> None:
+        """Update ``target`` in place from ``grad`` at the entries where ``mask`` is true."""
+        mask = mask.reshape(-1, *([1] * (target.dim() - 1)))
+        if self.weight_decay:
+            grad = grad + self.weight_decay * target
+        if self.kind == "sgd":
+            target.copy_(torch.where(mask, target - self.lr * grad, target))
+            return
+        beta1, beta2 = self.betas
+        self.exp_avg.copy_(torch.where(mask, self.exp_avg.lerp(grad, 1 - beta1), self.exp_avg))
+        self.exp_avg_sq.copy_(
+            torch.where(mask, self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad, self.exp_avg_sq)
+        )
+        self.step_count.add_(mask.reshape(-1).to(self.step_count.dtype))
+        steps = self.step_count.clamp(min=1).reshape(mask.shape)
+        bias1 = 1 - beta1**steps
+        bias2 = 1 - beta2**steps
+        update = self.lr / bias1 * self.exp_avg / (self.exp_avg_sq.sqrt() / bias2.sqrt() + self.eps)
+        target.copy_(torch.where(mask, target - update, target))
+
+
+@dataclass(frozen=True)
+class TaskLosses:
+    """The validated losses of one step: the tasks present, in the strategy's order."""
+
+    names: tuple[str, ...]
+    values: Tensor  # [k], with the autograd graph
+    index: Tensor  # [k] positions of the present tasks in ``strategy.tasks``
+    mask: Tensor  # [T] bool, True for the present tasks
+
+    @property
+    def has_graph(self) -> bool:
+        return self.values.requires_grad
+
+
+def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(tasks, str) or not isinstance(tasks, Iterable):
+        raise StrategyError(f"tasks must be a sequence of task names, got {tasks!r}")
+    names = tuple(tasks)
+    if not names:
+        raise StrategyError("tasks must name at least one task")
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise StrategyError(f"tasks must be non-empty strings, got {name!r}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise StrategyError(f"tasks must be unique, {duplicates} appear more than once")
+    return names
+
+
+def per_task_vector(
+    values: Mapping[str, float] | Sequence[float] | float,
+    tasks: Sequence[str],
+    *,
+    argument: str,
+) -> Tensor:
+    """A float tensor with one entry per task from a mapping, a sequence or one number."""
+    if isinstance(values, Mapping):
+        unknown = sorted(set(values) - set(tasks))
+        if unknown:
+            raise StrategyError(f"{argument} names unknown tasks {unknown}; tasks are {list(tasks)}")
+        missing = [t for t in tasks if t not in values]
+        if missing:
+            raise StrategyError(f"{argument} gives no value for tasks {missing}")
+        items = [values[t] for t in tasks]
+    elif isinstance(values, (int, float)):
+        items = [values] * len(tasks)
+    else:
+        items = list(values)
+        if len(items) != len(tasks):
+            raise StrategyError(
+                f"{argument} has {len(items)} values for {len(tasks)} tasks {list(tasks)}"
+            )
+    try:
+        vector = torch.tensor([float(v) for v in items], dtype=torch.float32)
+    except (TypeError, ValueError) as error:
+        raise StrategyError(f"{argument} must hold numbers, got {items!r}") from error
+    if not torch.isfinite(vector).all():
+        raise StrategyError(f"{argument} must be finite, got {items!r}")
+    return vector
+
+
+class Strategy(nn.Module):
+    """A way of combining several task losses into one update.
+
+    Subclasses are small modules with one job; they keep all their state in parameters and
+    registered buffers (one entry per task along dimension 0 for per-task state), so that
+    ``state_dict()``, ``.to(device)`` and resuming work without extra code.
+
+    Class attributes describe capabilities (the registry records them):
+
+    * ``needs_grads``: the strategy needs per-task gradients, so only ``backward`` trains with it.
+    * ``deterministic``: the result is a function of the input and the state (no random draws).
+    """
+
+    needs_grads: ClassVar[bool] = False
+    deterministic: ClassVar[bool] = True
+
+    _init_args: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Record every constructor argument (the outermost __init__ call wins) so that repr
+        # shows them all without each strategy writing its own extra_repr.
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__:
+            return
+        init = cls.__dict__["__init__"]
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self: Strategy, *args: Any, **kwargs: Any) -> None:
+            if "_init_args" not in self.__dict__:
+                try:
+                    bound = signature.bind(self, *args, **kwargs)
+                except TypeError as error:
+                    raise StrategyError(f"{cls.__name__}: {error}") from None
+                bound.apply_defaults()
+                arguments = dict(bound.arguments)
+                arguments.pop(next(iter(signature.parameters)))
+                object.__setattr__(self, "_init_args", arguments)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = recording_init  # type: ignore[misc]
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__()
+        self.tasks: tuple[str, ...] = _check_tasks(tasks)
+        self._positions = {name: i for i, name in enumerate(self.tasks)}
+        self._index_cache: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor, Tensor]] = {}
+
+    # ----------------------------------------------------------------- public protocol
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared_params: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> StepReport:
+        """Fill ``.grad`` of the model's parameters with this strategy's update; return a report."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        arguments = dict(getattr(self, "_init_args", {}))
+        arguments["tasks"] = list(self.tasks)
+        return ", ".join(f"{key}={value!r}" for key, value in arguments.items())
+
+    def get_extra_state(self) -> dict[str, list[str]]:
+        return {"tasks": list(self.tasks)}
+
+    def set_extra_state(self, state: Any) -> None:
+        saved = list(state["tasks"]) if isinstance(state, Mapping) else None
+        if saved != list(self.tasks):
+            raise StrategyError(
+                f"state_dict was saved for tasks {saved}, this strategy has {list(self.tasks)}"
+            )
+
+    # ----------------------------------------------------------------- helpers for subclasses
+    def gather(self, losses: Mapping[str, Tensor]) -> TaskLosses:
+        """Validate ``losses`` and stack the present ones in the strategy's task order."""
+        if not isinstance(losses, Mapping):
+            raise StrategyError(
+                f"losses must be a mapping task name -> scalar tensor, got {type(losses).__name__}"
+            )
+        if not losses:
+            raise StrategyError(f"losses is empty; expected some of the tasks {list(self.tasks)}")
+        unknown = [name for name in losses if name not in self._positions]
+        if unknown:
+            raise StrategyError(f"unknown task {unknown[0]!r} in losses; tasks are {list(self.tasks)}")
+        names = tuple(t for t in self.tasks if t in losses)
+        device = None
+        for name in names:
+            loss = losses[name]
+            if not isinstance(loss, Tensor):
+                raise StrategyError(f"loss of task {name!r} must be a tensor, got {type(loss).__name__}")
+            if loss.numel() != 1 or loss.dim() > 1:
+                raise StrategyError(
+                    f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)}"
+                )
+            if not loss.is_floating_point():
+                raise StrategyError(f"loss of task {name!r} must be floating point, got {loss.dtype}")
+            if device is None:
+                device = loss.device
+            elif loss.device != device:
+                raise StrategyError(
+                    f"loss of task {name!r} is on {loss.device}, task {names[0]!r} on {device}"
+                )
+        assert device is not None
+        own = self._state_device()
+        if own is not None and own != device:
+            raise StrategyError(
+                f"losses are on {device} but the strategy's state is on {own}; "
+                f"call strategy.to({str(device)!r})"
+            )
+        dtype = functools.reduce(torch.promote_types, (losses[n].dtype for n in names))
+        values = torch.stack([losses[n].reshape(()).to(dtype) for n in names])
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):  # the one host sync of a step: NaN must fail loudly
+            bad = names[finite.tolist().index(False)]
+            raise NonFiniteLossError(f"loss of task {bad!r} is not finite ({losses[bad].item()})")
+        index, mask = self._index_and_mask(names, device)
+        return TaskLosses(names, values, index, mask)
+
+    def _index_and_mask(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (names, device)
+        if key not in self._index_cache:
+            index = torch.tensor([self._positions[n] for n in names], device=device)
+            mask = torch.zeros(len(self.tasks), dtype=torch.bool, device=device)
+            mask[index] = True
+            self._index_cache[key] = (index, mask)
+        return self._index_cache[key]
+
+    def _state_device(self) -> torch.device | None:
+        for tensor in self._state_tensors():
+            return tensor.device
+        return None
+
+    def _state_tensors(self) -> Iterator[Tensor]:
+        yield from self.parameters()
+        yield from self.buffers()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Restore every parameter and buffer if the block raises: a failed step changes nothing."""
+        saved = [(t, t.detach().clone()) for t in self._state_tensors()]
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                for tensor, copy in saved:
+                    tensor.copy_(copy)
+            raise
+
+    def _require_graph(self, batch: TaskLosses) -> None:
+        if not batch.has_graph:
+            raise StrategyError(
+                f"backward needs losses that require grad; task {batch.names[0]!r} has no graph "
+                "(computed under torch.no_grad() or detached?)"
+            )
+
+    def _refuse_training_combination(self, batch: TaskLosses) -> None:
+        if batch.has_graph and self.training:
+            raise StrategyError(
+                f"{type(self).__name__} needs per-task gradients: train with "
+                "strategy.backward(losses, shared_params=...) or features=...; calling the "
+                "strategy on losses only evaluates (use torch.no_grad() or .eval())"
+            )
+
+    def _grad_inputs(
+        self,
+        shared_params: Iterable[Tensor] | None,
+        features: Tensor | Sequence[Tensor] | None,
+    ) -> list[Tensor]:
+        if (shared_params is None) == (features is None):
+            raise StrategyError(
+                f"{type(self).__name__}.backward needs exactly one of shared_params= (the shared "
+                "parameters) or features= (the output of the shared trunk)"
+            )
+        if features is not None:
+            inputs = [features] if isinstance(features, Tensor) else list(features)
+            argument = "features"
+        else:
+            assert shared_params is not None
+            inputs = list(shared_params)
+            argument = "shared_params"
+        if not inputs:
+            raise StrategyError(f"{argument} is empty")
+        for tensor in inputs:
+            if not isinstance(tensor, Tensor) or not tensor.requires_grad:
+                raise StrategyError(f"every tensor in {argument} must require grad")
+        return inputs
+
+
+def _scaled(total: Tensor, scaler: torch.amp.GradScaler | None) -> Tensor:
+    return total if scaler is None else scaler.scale(total)
+
+
+def _scale_factor(scaler: torch.amp.GradScaler | None) -> Tensor | None:
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = scaler._scale  # the tensor itself: get_scale() would sync with the device
+    if scale is None:
+        scaler.scale(torch.zeros((), device="cpu"))
+        scale = scaler._scale
+    return scale
+
+
+def per_task_jacobian(
+    batch: TaskLosses, inputs: Sequence[Tensor], scaler: torch.amp.GradScaler | None
+) -> Tensor:
+    """Per-task gradients of the present losses w.r.t. ``inputs`` as rows, unscaled."""
+    scale = _scale_factor(scaler)
+    if scale is None:
+        return jacobian(batch.values, inputs)
+    scale = scale.to(batch.values.device)
+    return jacobian(batch.values * scale, inputs) / scale
+
+
+class LossWeighting(Strategy):
+    """A strategy that turns the loss vector into weights; the update is ``sum(w_i * L_i)``.
+
+    Subclasses implement :meth:`loss_weights` and, when the paper's scalar objective is not the
+    weighted sum itself, :meth:`objective`. The weights must be the gradient of the objective with
+    respect to the losses (the conformance kit checks this), so ``s(losses)`` has the paper's value
+    and the paper's gradient.
+
+    Learned per-task parameters (uncertainty's log-variances, say) are declared with
+    :meth:`add_learned_parameter`. They are trained on the gradient of :meth:`objective` with the
+    strategy's own :class:`TaskParameterOptimizer`, whenever the strategy is in training mode,
+    grad mode is on and the losses carry a graph: in ``backward`` after the model's backward
+    succeeded, and in ``forward`` right away. Nobody has to add them to the model's optimizer, and
+    their ``.grad`` stays ``None``, so a model optimizer that holds them by accident leaves them
+    alone.
+    """
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self._learned: dict[str, TaskParameterOptimizer] = {}
+
+    def add_learned_parameter(
+        self,
+        name: str,
+        initial: Tensor,
+        *,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        lr: float,
+        weight_decay: float = 0.0,
+    ) -> nn.Parameter:
+        """Register a per-task parameter (dimension 0 = tasks) trained by its own optimizer."""
+        parameter = nn.Parameter(initial.clone().float())
+        self.register_parameter(name, parameter)
+        updater = TaskParameterOptimizer(
+            tuple(initial.shape), kind=optimizer, lr=lr, weight_decay=weight_decay
+        )
+        self.add_module(f"{name}_optimizer", updater)
+        self._learned[name] = updater
+        return parameter
+
+    # ----------------------------------------------------------------- to implement
+    def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
+        """Weights for the present tasks (``losses`` detached, ``index`` their positions)."""
+        raise NotImplementedError
+
+    def objective(self, losses: Tensor, index: Tensor) -> Tensor:
+        """The paper's scalar objective of the (detached) losses and the learned parameters."""
+        return (self.loss_weights(losses, index) * losses).sum()
+
+    def extras(self, index: Tensor) -> dict[str, Tensor]:
+        """Per-task values to report besides losses and weights (present tasks only)."""
+        return {}
+
+    # ----------------------------------------------------------------- shared mechanics
+    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """The combined loss: the paper's objective in value, ``sum(w_i * grad L_i)`` in gradient."""
+        batch = self.gather(losses)
+        if self.needs_grads:
+            self._refuse_training_combination(batch)
+        with self.transaction():
+            total, _, commit = self._combine(batch)
+            commit()
+        return total
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared_params: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> StepReport:
+        """Backward of the combined loss. ``shared_params``/``features`` are accepted and unused,
+        so that switching to a gradient-level strategy changes no call site."""
+        batch = self.gather(losses)
+        self._require_graph(batch)
+        with self.transaction():
+            total, weights, commit = self._combine(batch)
+            _scaled(total, scaler).backward()
+            commit()
+        return self.report(batch, weights)
+
+    def report(self, batch: TaskLosses, weights: Tensor) -> StepReport:
+        return StepReport(batch.names, batch.values.detach(), weights, self.extras(batch.index))
+
+    def _learning(self, batch: TaskLosses) -> bool:
+        return bool(self._learned) and self.training and batch.has_graph and torch.is_grad_enabled()
+
+    def _combine(self, batch: TaskLosses) -> tuple[Tensor, Tensor, Callable[[], None]]:
+        """Return (total, weights, commit): commit() applies the learned parameters' update."""
+        values, index = batch.values, batch.index
+        detached = values.detach()
+        commit: Callable[[], None] = _nothing
+        if self._learning(batch):
+            names = list(self._learned)
+            with torch.enable_grad():
+                objective = self.objective(detached, index)
+                grads = torch.autograd.grad(
+                    objective, [getattr(self, n) for n in names], materialize_grads=True
+                )
+            value = objective.detach()
+
+            def commit() -> None:
+                for name, grad in zip(names, grads):
+                    self._learned[name].step(getattr(self, name), grad, batch.mask)
+
+        else:
+            with torch.no_grad():
+                value = self.objective(detached, index)
+        with torch.no_grad():
+            weights = self.loss_weights(detached, index).to(values.dtype)
+        # Same value as the objective, gradient sum_i w_i * grad L_i.
+        total = value.to(values.dtype) + (weights * (values - detached)).sum()
+        return total, weights, commit
+
+
+def _nothing() -> None:
+    return None
+
+
+class GradientAggregation(Strategy):
+    """A strategy that turns per-task gradients into one update direction.
+
+    Most methods are a combination of the task gradients with weights computed from the Gramian
+    ``G = J Jᵀ``: implement :meth:`gramian_weights`. ``backward`` then computes the weights and
+    finishes with one backward of ``sum(w_i * L_i)`` through the normal graph, so heads get their
+    task's weighted gradient and the shared parameters ``Σ w_i g_i``. A method whose output is not
+    such a combination (GradDrop) overrides :meth:`aggregate` instead; ``backward`` then writes
+    the aggregated vector into the shared tensors' gradient.
+
+    With ``features=`` the Jacobian is taken w.r.t. the shared representation (MGDA-UB of
+    Sener & Koltun, 2018): far cheaper, and an approximation of the parameter Jacobian.
+    """
+
+    needs_grads: ClassVar[bool] = True
+
+    # ----------------------------------------------------------------- to implement
+    def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+        """Weights of the present tasks from their Gramian ``[k, k]`` and (detached) losses."""
+        raise NotImplementedError
+
+    @classmethod
+    def combines_gradients(cls) -> bool:
+        return cls.gramian_weights is not GradientAggregation.gramian_weights
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """One update direction ``[P]`` from the Jacobian ``[T, P]`` (rows in ``tasks`` order)."""
+        if not isinstance(jacobian, Tensor) or jacobian.dim() != 2:
+            raise StrategyError("jacobian must be a 2-D tensor [tasks, parameters]")
+        if jacobian.shape[0] != len(self.tasks):
+            raise StrategyError(
+                f"jacobian has {jacobian.shape[0]} rows for {len(self.tasks)} tasks {list(self.tasks)}"
+            )
+        if not torch.isfinite(jacobian).all():
+            raise StrategyError("jacobian holds NaN or infinite entries")
+        index, _ = self._index_and_mask(self.tasks, jacobian.device)
+        if losses is None:
+            losses = torch.ones(len(self.tasks), dtype=jacobian.dtype, device=jacobian.device)
+        with self.transaction():
+            return self._aggregate_rows(jacobian, losses, index)
+
+    def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+        weights = self.gramian_weights(gramian(jacobian), losses, index)
+        return weights.to(jacobian.dtype) @ jacobian
+
+    # ----------------------------------------------------------------- shared mechanics
+    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """Evaluation only: the plain sum of the losses (training needs ``backward``)."""
+        batch = self.gather(losses)
+        self._refuse_training_combination(batch)
+        return batch.values.sum()
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared_params: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> StepReport:
+        batch = self.gather(losses)
+        self._require_graph(batch)
+        inputs = self._grad_inputs(shared_params, features)
+        with self.transaction():
+            rows = per_task_jacobian(batch, inputs, scaler)
+            detached = batch.values.detach()
+            if self.combines_gradients():
+                weights = self.gramian_weights(gramian(rows), detached, batch.index)
+                weights = weights.detach().to(batch.values.dtype)
+                _scaled((weights * batch.values).sum(), scaler).backward()
+            else:
+                direction = self._aggregate_rows(rows, detached, batch.index)
+                _backward_replacing(batch.values.sum(), inputs, direction, scaler)
+                weights = torch.ones_like(detached)
+        return StepReport(batch.names, detached, weights)
+
+
+def _backward_replacing(
+    total: Tensor, inputs: Sequence[Tensor], direction: Tensor, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backward of ``total`` with the gradient reaching ``inputs`` replaced by ``direction``."""
+    scale = _scale_factor(scaler)
+    if scale is not None:
+        direction = direction * scale.to(direction.device)
+    pieces = direction.split([t.numel() for t in inputs])
+    handles = [
+        tensor.register_hook(lambda _grad, piece=piece, tensor=tensor: piece.view_as(tensor))
+        for tensor, piece in zip(inputs, pieces)
+    ]
+    try:
+        _scaled(total, scaler).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
