@@ -72,21 +72,29 @@ class MultiTaskLoss(nn.Module):
             )
         self.strategy = strategy
 
-    def losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def losses(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
         """The loss of every task that has a target."""
         losses = {}
         for task, target in targets.items():
             if task not in self.criteria:
-                raise StrategyError(f"unknown task {task!r} in targets; tasks are {list(self.criteria)}")
+                raise StrategyError(
+                    f"unknown task {task!r} in targets; tasks are {list(self.criteria)}"
+                )
             if task not in outputs:
                 raise StrategyError(f"outputs have no entry for task {task!r}")
             losses[task] = self.criteria[task](outputs[task], target)
         return losses
 
-    def forward(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> MultiTaskOutput:
+    def forward(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> MultiTaskOutput:
         losses = self.losses(outputs, targets)
-        needs_grads = self.strategy.needs_grads and self.training and any(
-            loss.requires_grad for loss in losses.values()
+        needs_grads = (
+            self.strategy.needs_grads
+            and self.training
+            and any(loss.requires_grad for loss in losses.values())
         )
         return MultiTaskOutput(None if needs_grads else self.strategy(losses), losses)
 

@@ -65,10 +65,14 @@ def register_strategy(name: str, *, paper: str = "", stateful: bool = False) -> 
 
     def decorate(cls: S) -> S:
         if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
-            raise StrategyError(f"register_strategy({name!r}) needs a Strategy subclass, got {cls!r}")
+            raise StrategyError(
+                f"register_strategy({name!r}) needs a Strategy subclass, got {cls!r}"
+            )
         known = _REGISTRY.get(name)
         if known is not None and known.cls.__qualname__ != cls.__qualname__:
-            raise StrategyError(f"strategy {name!r} is already registered to {known.cls.__qualname__}")
+            raise StrategyError(
+                f"strategy {name!r} is already registered to {known.cls.__qualname__}"
+            )
         _REGISTRY[name] = StrategyInfo(
             name=name,
             cls=cls,
@@ -117,8 +121,7 @@ def strategy_info(name: str) -> StrategyInfo:
         close = difflib.get_close_matches(str(name).lower(), list(_REGISTRY), n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise StrategyError(
-            f"unknown strategy {name!r}{hint} (tb.list_strategies() lists all "
-            f"{len(_REGISTRY)})"
+            f"unknown strategy {name!r}{hint} (tb.list_strategies() lists all {len(_REGISTRY)})"
         )
     return _REGISTRY[key]
 
@@ -129,7 +132,8 @@ def create_strategy(name: str, tasks: Sequence[str], **kwargs: Any) -> Strategy:
     accepted = [
         p.name
         for p in inspect.signature(info.cls).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY or p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        or p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
     ]
     for key in kwargs:
         if key not in accepted:

@@ -187,7 +187,9 @@ def per_task_vector(
     if isinstance(values, Mapping):
         unknown = sorted(set(values) - set(tasks))
         if unknown:
-            raise StrategyError(f"{argument} names unknown tasks {unknown}; tasks are {list(tasks)}")
+            raise StrategyError(
+                f"{argument} names unknown tasks {unknown}; tasks are {list(tasks)}"
+            )
         missing = [t for t in tasks if t not in values]
         if missing:
             raise StrategyError(f"{argument} gives no value for tasks {missing}")
@@ -295,19 +297,25 @@ class Strategy(nn.Module):
             raise StrategyError(f"losses is empty; expected some of the tasks {list(self.tasks)}")
         unknown = [name for name in losses if name not in self._positions]
         if unknown:
-            raise StrategyError(f"unknown task {unknown[0]!r} in losses; tasks are {list(self.tasks)}")
+            raise StrategyError(
+                f"unknown task {unknown[0]!r} in losses; tasks are {list(self.tasks)}"
+            )
         names = tuple(t for t in self.tasks if t in losses)
         device = None
         for name in names:
             loss = losses[name]
             if not isinstance(loss, Tensor):
-                raise StrategyError(f"loss of task {name!r} must be a tensor, got {type(loss).__name__}")
+                raise StrategyError(
+                    f"loss of task {name!r} must be a tensor, got {type(loss).__name__}"
+                )
             if loss.numel() != 1 or loss.dim() > 1:
                 raise StrategyError(
                     f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)}"
                 )
             if not loss.is_floating_point():
-                raise StrategyError(f"loss of task {name!r} must be floating point, got {loss.dtype}")
+                raise StrategyError(
+                    f"loss of task {name!r} must be floating point, got {loss.dtype}"
+                )
             if device is None:
                 device = loss.device
             elif loss.device != device:
@@ -330,7 +338,9 @@ class Strategy(nn.Module):
         index, mask = self._index_and_mask(names, device)
         return TaskLosses(names, values, index, mask)
 
-    def _index_and_mask(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    def _index_and_mask(
+        self, names: tuple[str, ...], device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         key = (names, device)
         if key not in self._index_cache:
             index = torch.tensor([self._positions[n] for n in names], device=device)

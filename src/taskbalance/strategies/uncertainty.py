@@ -65,7 +65,9 @@ class Uncertainty(LossWeighting):
         task_types = dict(task_types or {})
         unknown = sorted(set(task_types) - set(self.tasks))
         if unknown:
-            raise StrategyError(f"task_types names unknown tasks {unknown}; tasks are {list(self.tasks)}")
+            raise StrategyError(
+                f"task_types names unknown tasks {unknown}; tasks are {list(self.tasks)}"
+            )
         for task, kind in task_types.items():
             if kind not in _FACTORS:
                 raise StrategyError(
