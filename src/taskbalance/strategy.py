@@ -71,7 +71,8 @@ class StepReport:
         return dict(zip(self.tasks, self.weight_values.unbind()))
 
     def to_dict(self, prefix: str = "") -> dict[str, float]:
-        """Floats keyed ``{prefix}loss/<task>``, ``{prefix}weight/<task>``, ``{prefix}<extra>/<task>``.
+        """Floats keyed ``{prefix}loss/<task>``, ``{prefix}weight/<task>`` and
+        ``{prefix}<extra>/<task>``.
 
         This is the one place that copies to the host (a single transfer for all values).
         """
@@ -490,7 +491,7 @@ class LossWeighting(Strategy):
 
     # ----------------------------------------------------------------- shared mechanics
     def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """The combined loss: the paper's objective in value, ``sum(w_i * grad L_i)`` in gradient."""
+        """The combined loss: the objective's value, with the gradient ``sum(w_i * grad L_i)``."""
         batch = self.gather(losses)
         if self.needs_grads:
             self._refuse_training_combination(batch)
@@ -586,7 +587,7 @@ class GradientAggregation(Strategy):
             raise StrategyError("jacobian must be a 2-D tensor [tasks, parameters]")
         if jacobian.shape[0] != len(self.tasks):
             raise StrategyError(
-                f"jacobian has {jacobian.shape[0]} rows for {len(self.tasks)} tasks {list(self.tasks)}"
+                f"jacobian has {jacobian.shape[0]} rows for tasks {list(self.tasks)}"
             )
         if not torch.isfinite(jacobian).all():
             raise StrategyError("jacobian holds NaN or infinite entries")

@@ -2,8 +2,8 @@
 
     >>> import taskbalance as tb
     >>> from taskbalance.testing import check_strategy
-    >>> check_strategy("static")                      # a registered name ...
-    >>> check_strategy(lambda tasks: tb.create_strategy("static", tasks, weights=2.0))  # ... or a factory
+    >>> check_strategy("static")  # a registered name, or a factory:
+    >>> check_strategy(lambda tasks: tb.create_strategy("static", tasks, weights=2.0))
 
 ``check_strategy`` runs every check of :data:`CHECKS` on a small two-layer model with three tasks
 and raises ``AssertionError`` naming the check that failed. The project's own suite runs each
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +49,7 @@ PATHS = ("shared_params", "features")
 
 @dataclass
 class ToyProblem:
-    """A two-layer tanh trunk, one linear head per task, squared-error losses of different scales."""
+    """A two-layer tanh trunk, one linear head per task, squared errors of different scales."""
 
     trunk: nn.Sequential
     heads: nn.ModuleDict
@@ -255,7 +255,7 @@ def check_nonfinite(factory: Factory) -> None:
             _expect_error(
                 NonFiniteLossError,
                 "'b'",
-                lambda: strategy.backward(losses, **kwargs),
+                lambda s=strategy, losses=losses, kwargs=kwargs: s.backward(losses, **kwargs),
                 f"{bad} loss",
             )
             _assert_same_state(before, _state(strategy), f"{bad} loss")
