@@ -51,9 +51,14 @@ def jacobian(
             retain_graph=retain_graph,
             is_grads_batched=True,
             allow_unused=True,
-            materialize_grads=True,
         )
-        return torch.cat([rearrange(g, "k ... -> k (...)") for g in grads], dim=1)
+        count = losses.shape[0]
+        # An unreached input gives None (materialize_grads would drop the batch dimension).
+        blocks = [
+            losses.new_zeros(count, t.numel()) if g is None else rearrange(g, "k ... -> k (...)")
+            for g, t in zip(grads, inputs)
+        ]
+        return torch.cat(blocks, dim=1)
     if method not in ("auto", "loop"):
         raise ValueError(f"method must be 'auto', 'loop' or 'batched', got {method!r}")
     count = losses.shape[0]
