@@ -84,8 +84,11 @@ def _one_parameter_losses(theta: nn.Parameter) -> dict[str, torch.Tensor]:
 def test_uncertainty_one_step_by_hand_sgd() -> None:
     theta = nn.Parameter(torch.tensor(3.0))
     s = tb.create_strategy(
-        "uncertainty", tasks=["reg", "cls"], task_types={"cls": "classification"},
-        optimizer="sgd", lr=0.1,
+        "uncertainty",
+        tasks=["reg", "cls"],
+        task_types={"cls": "classification"},
+        optimizer="sgd",
+        lr=0.1,
     )
     report = s.backward(_one_parameter_losses(theta))
     # Objective ½e^(−s_r)L_r + ½s_r + e^(−s_c)L_c + ½s_c at s = 0:
@@ -235,12 +238,20 @@ def test_state_dict_carries_the_task_order() -> None:
 
 def test_step_report_to_dict_is_one_flat_mapping() -> None:
     report = StepReport(
-        ("a", "b"), torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.5]),
+        ("a", "b"),
+        torch.tensor([1.0, 2.0]),
+        torch.tensor([0.5, 1.5]),
         {"log_var": torch.tensor([0.1, 0.2])},
     )
     assert report.to_dict("mtl/") == pytest.approx(
-        {"mtl/loss/a": 1.0, "mtl/loss/b": 2.0, "mtl/weight/a": 0.5, "mtl/weight/b": 1.5,
-         "mtl/log_var/a": 0.1, "mtl/log_var/b": 0.2}
+        {
+            "mtl/loss/a": 1.0,
+            "mtl/loss/b": 2.0,
+            "mtl/weight/a": 0.5,
+            "mtl/weight/b": 1.5,
+            "mtl/log_var/a": 0.1,
+            "mtl/log_var/b": 0.2,
+        }
     )
     assert report.weights["b"].item() == 1.5
 
