@@ -1,0 +1,61 @@
+"""Geometric loss strategy, GLS (Chennupati, Sistu, Yogamani & Rawashdeh, CVPR Workshops 2019)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+from taskbalance.registry import register_strategy
+from taskbalance.strategy import LossWeighting, StrategyError, TaskLosses
+
+
+@register_strategy(
+    "geometric",
+    paper="Chennupati, Sistu, Yogamani & Rawashdeh, 'MultiNet++: Multi-Stream Feature "
+    "Aggregation and Geometric Loss Strategy for Multi-Task Learning', CVPR Workshops 2019, "
+    "arXiv:1904.08492",
+)
+class Geometric(LossWeighting):
+    """The geometric mean of the task losses (GLS).
+
+    Chennupati, Sistu, Yogamani & Rawashdeh, "MultiNet++: Multi-Stream Feature Aggregation and
+    Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops 2019, arXiv:1904.08492.
+    With the ``k`` tasks present in the step:
+
+    * objective ``G = (Π_i L_i)^(1/k)``, computed as ``exp(mean_i log L_i)`` so that a product of
+      many small losses does not underflow (LibMTL's ``losses.prod() ** (1/k)`` does);
+    * its gradient is ``Σ_i w_i ∇L_i`` with ``w_i = G / (k · L_i)``: a task's weight is inversely
+      proportional to its loss, so the update does not depend on the scale of any one loss (up
+      to the common factor ``G``).
+
+    The losses must be positive; a zero or negative loss raises :class:`StrategyError` naming
+    the task. No state and no hyper-parameters. ``s(losses)`` returns ``G``.
+
+        >>> import torch, taskbalance as tb
+        >>> s = tb.create_strategy("geometric", tasks=["a", "b"])
+        >>> s({"a": torch.tensor(2.0), "b": torch.tensor(8.0)})
+        tensor(4.)
+    """
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+
+    def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
+        return self.objective(losses, index) / (losses.numel() * losses)
+
+    def objective(self, losses: Tensor, index: Tensor) -> Tensor:
+        return losses.log().mean().exp()
+
+    def _combine(self, batch: TaskLosses) -> tuple[Tensor, Tensor, Callable[[], None]]:
+        _require_positive(batch, "the geometric mean")
+        return super()._combine(batch)
+
+
+def _require_positive(batch: TaskLosses, what: str) -> None:
+    # One host sync, the price of failing loudly instead of training on NaN.
+    positive = batch.values.detach() > 0
+    if not bool(positive.all()):
+        bad = batch.names[positive.tolist().index(False)]
+        value = batch.values[positive.tolist().index(False)].item()
+        raise StrategyError(f"{what} needs positive losses; loss of task {bad!r} is {value}")
