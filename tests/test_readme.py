@@ -1,0 +1,43 @@
+"""Every Python example of the README runs, and its strategy table matches the registry."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import taskbalance as tb
+from taskbalance import registry
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_examples_run_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocks = _python_blocks()
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    # Examples register strategies: keep the real registry as it was.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    namespace: dict[str, object] = {"__name__": "readme"}
+    for number, block in enumerate(blocks, 1):
+        try:
+            exec(compile(block, f"README.md python block {number}", "exec"), namespace)
+        except Exception as error:  # pragma: no cover - the message is the point
+            raise AssertionError(f"README python block {number} failed: {error!r}") from error
+    assert "mtl/weight/cls" in capsys.readouterr().out
+
+
+def test_readme_strategy_table_lists_every_registered_strategy() -> None:
+    text = README.read_text()
+    table = text.split("<!-- strategies-table")[1].split("<!-- end strategies-table")[0]
+    names = re.findall(r"^\| `([a-z0-9_]+)` \|", table, flags=re.M)
+    assert len(names) == len(set(names)), "a strategy is listed twice"
+    assert set(names) == set(tb.list_strategies())
