@@ -16,6 +16,7 @@ transactional and building the :class:`StepReport` are written once, here.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import math
@@ -26,6 +27,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from taskbalance import distributed
 from taskbalance.jacobian import gramian, jacobian
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "Strategy",
     "StrategyError",
     "TaskParameterOptimizer",
+    "per_task_jacobian",
+    "scaled_backward",
 ]
 
 
@@ -154,9 +158,10 @@ class TaskLosses:
     """The validated losses of one step: the tasks present, in the strategy's order."""
 
     names: tuple[str, ...]
-    values: Tensor  # [k], with the autograd graph
+    values: Tensor  # [k], with the autograd graph (global values under torch.distributed)
     index: Tensor  # [k] positions of the present tasks in ``strategy.tasks``
     mask: Tensor  # [T] bool, True for the present tasks
+    group: Any = None  # the process group the step is reduced over; None: a local step
 
     @property
     def has_graph(self) -> bool:
@@ -223,10 +228,16 @@ class Strategy(nn.Module):
 
     * ``needs_grads``: the strategy needs per-task gradients, so only ``backward`` trains with it.
     * ``deterministic``: the result is a function of the input and the state (no random draws).
+
+    ``process_group`` (an instance attribute; ``None`` by default) picks the ranks a training step
+    is reduced over when torch.distributed is initialised: ``None`` the default group, a process
+    group that group, :data:`taskbalance.distributed.LOCAL` none (see
+    :mod:`taskbalance.distributed`).
     """
 
     needs_grads: ClassVar[bool] = False
     deterministic: ClassVar[bool] = True
+    process_group: Any = None
 
     _init_args: dict[str, Any]
 
@@ -332,12 +343,51 @@ class Strategy(nn.Module):
             )
         dtype = functools.reduce(torch.promote_types, (losses[n].dtype for n in names))
         values = torch.stack([losses[n].reshape(()).to(dtype) for n in names])
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):  # the one host sync of a step: NaN must fail loudly
-            bad = names[finite.tolist().index(False)]
-            raise NonFiniteLossError(f"loss of task {bad!r} is not finite ({losses[bad].item()})")
         index, mask = self._index_and_mask(names, device)
-        return TaskLosses(names, values, index, mask)
+        group = self._sync_group(values)
+        if group is None:
+            finite = torch.isfinite(values)
+            if not bool(finite.all()):  # the one host sync of a step: NaN must fail loudly
+                bad = names[finite.tolist().index(False)]
+                raise NonFiniteLossError(
+                    f"loss of task {bad!r} is not finite ({losses[bad].item()})"
+                )
+            return TaskLosses(names, values, index, mask)
+        # One collective: the global mean of every task's loss. The values become the global
+        # ones, the gradient stays the local one (DDP averages it in the final backward).
+        means, counts = distributed.reduce_losses(values, index, len(self.tasks), group)
+        ranks = distributed.world_size(group)
+        finite = torch.isfinite(means)
+        agreed = (counts == 0) | (counts == ranks)
+        if not bool(torch.cat([finite, agreed]).all()):  # every rank reaches the same verdict
+            self._raise_distributed(names, values, finite, counts, ranks)
+        values = values + (means - values.detach())
+        return TaskLosses(names, values, index, mask, group)
+
+    def _sync_group(self, values: Tensor) -> Any:
+        """The group to reduce over: only in a training step, so evaluation never communicates."""
+        training_step = self.training and values.requires_grad and torch.is_grad_enabled()
+        if training_step and distributed.is_distributed(self.process_group):
+            return self.process_group
+        return None
+
+    def _raise_distributed(
+        self,
+        names: tuple[str, ...],
+        values: Tensor,
+        finite: Tensor,
+        counts: Tensor,
+        ranks: int,
+    ) -> None:
+        split = [t for t, c in zip(self.tasks, counts.tolist()) if 0 < c < ranks]
+        if split:
+            raise StrategyError(
+                f"task {split[0]!r} is in the losses of {int(counts[self._positions[split[0]]])} "
+                f"of {ranks} ranks; every rank must pass the same tasks in a step"
+            )
+        bad = names[finite.tolist().index(False)]
+        where = "" if not bool(torch.isfinite(values).all()) else " on another rank"
+        raise NonFiniteLossError(f"loss of task {bad!r} is not finite{where}")
 
     def _index_and_mask(
         self, names: tuple[str, ...], device: torch.device
@@ -361,15 +411,27 @@ class Strategy(nn.Module):
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """Restore every parameter and buffer if the block raises: a failed step changes nothing."""
+        """Restore every parameter and buffer if the block raises: a failed step changes nothing.
+
+        Also restores them, without raising, when the block met a mixed-precision overflow
+        (non-finite scaled gradients, see :func:`scaled_backward`): ``GradScaler.step`` skips
+        such a step, and the strategy skips it too.
+        """
         saved = [(t, t.detach().clone()) for t in self._state_tensors()]
+        step = _StepState()
+        token = _STEP.set(step)
         try:
             yield
         except BaseException:
-            with torch.no_grad():
-                for tensor, copy in saved:
-                    tensor.copy_(copy)
+            _restore(saved)
             raise
+        finally:
+            _STEP.reset(token)
+        if step.overflow:
+            _restore(saved)
+            outer = _STEP.get()
+            if outer is not None:
+                outer.overflow = True
 
     def _require_graph(self, batch: TaskLosses) -> None:
         if not batch.has_graph:
@@ -411,8 +473,83 @@ class Strategy(nn.Module):
         return inputs
 
 
+@dataclass
+class _StepState:
+    overflow: bool = False
+
+
+_STEP: contextvars.ContextVar[_StepState | None] = contextvars.ContextVar(
+    "taskbalance_step", default=None
+)
+
+
+def _restore(saved: Sequence[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, copy in saved:
+            tensor.copy_(copy)
+
+
+def _mark_overflow() -> None:
+    step = _STEP.get()
+    if step is not None:
+        step.overflow = True
+
+
+def overflowed() -> bool:
+    """Whether the current :meth:`Strategy.transaction` met a mixed-precision overflow."""
+    step = _STEP.get()
+    return step is not None and step.overflow
+
+
 def _scaled(total: Tensor, scaler: torch.amp.GradScaler | None) -> Tensor:
     return total if scaler is None else scaler.scale(total)
+
+
+def _graph_leaves(root: Tensor) -> list[Tensor]:
+    """The leaf tensors (parameters) that ``root``'s graph accumulates gradients into."""
+    leaves: list[Tensor] = []
+    seen: set[Any] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            leaves.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _has_nonfinite_grad(tensors: Sequence[Tensor]) -> bool:
+    grads: dict[torch.device, list[Tensor]] = {}
+    for tensor in tensors:
+        if tensor.grad is not None:
+            grads.setdefault(tensor.grad.device, []).append(tensor.grad)
+    found = False
+    for device, group in grads.items():
+        flag = torch.zeros((), device=device)
+        # GradScaler's own check (multiplying by 1 leaves the gradients unchanged).
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones((), device=device))
+        found = found or bool(flag)  # host sync: the scaled path syncs anyway in scaler.step
+    return found
+
+
+def scaled_backward(total: Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """``scaler.scale(total).backward()`` that marks an overflow for :meth:`Strategy.transaction`.
+
+    With an enabled scaler, the gradients of every leaf of ``total``'s graph are checked after
+    the backward; a non-finite one means ``GradScaler.step`` will skip the optimizer step, so the
+    strategy's transaction restores its state as well. Without a scaler it is ``total.backward()``.
+    """
+    if scaler is None or not scaler.is_enabled():
+        total.backward()
+        return
+    leaves = _graph_leaves(total)
+    scaler.scale(total).backward()
+    if _has_nonfinite_grad(leaves):
+        _mark_overflow()
 
 
 def _scale_factor(scaler: torch.amp.GradScaler | None) -> Tensor | None:
@@ -426,14 +563,44 @@ def _scale_factor(scaler: torch.amp.GradScaler | None) -> Tensor | None:
 
 
 def per_task_jacobian(
-    batch: TaskLosses, inputs: Sequence[Tensor], scaler: torch.amp.GradScaler | None
+    batch: TaskLosses,
+    inputs: Sequence[Tensor],
+    scaler: torch.amp.GradScaler | None,
+    *,
+    features: bool | None = None,
 ) -> Tensor:
-    """Per-task gradients of the present losses w.r.t. ``inputs`` as rows, unscaled."""
+    """Per-task gradients of the present losses w.r.t. ``inputs`` as rows ``[k, P]``, unscaled.
+
+    In a distributed step the rows are the global ones, the same on every rank (see
+    :mod:`taskbalance.distributed`): ``features`` says whether ``inputs`` are per-sample features
+    (default: yes unless every input is a leaf tensor, as parameters are). With an enabled
+    ``scaler``, non-finite rows mark the step as an overflow: the enclosing
+    :meth:`Strategy.transaction` then leaves the strategy's state as it was.
+    """
+    return _per_task_rows(batch, inputs, scaler, features)[0]
+
+
+def _per_task_rows(
+    batch: TaskLosses,
+    inputs: Sequence[Tensor],
+    scaler: torch.amp.GradScaler | None,
+    features: bool | None,
+) -> tuple[Tensor, tuple[int, int]]:
+    """The rows of :func:`per_task_jacobian` and the span of this rank's own columns."""
     scale = _scale_factor(scaler)
     if scale is None:
-        return jacobian(batch.values, inputs)
-    scale = scale.to(batch.values.device)
-    return jacobian(batch.values * scale, inputs) / scale
+        rows = jacobian(batch.values, inputs)
+    else:
+        scale = scale.to(batch.values.device)
+        rows = jacobian(batch.values * scale, inputs) / scale
+    span = (0, rows.shape[1])
+    if batch.group is not None:
+        if features is None:
+            features = not all(t.grad_fn is None for t in inputs)
+        rows, span = distributed.reduce_rows(rows, features=features, group=batch.group)
+    if scale is not None and not bool(torch.isfinite(rows).all()):
+        _mark_overflow()  # after the reduction, so that every rank agrees
+    return rows, span
 
 
 class LossWeighting(Strategy):
@@ -514,8 +681,8 @@ class LossWeighting(Strategy):
         self._require_graph(batch)
         with self.transaction():
             total, weights, commit = self._combine(batch)
-            _scaled(total, scaler).backward()
-            commit()
+            scaled_backward(total, scaler)
+            commit()  # undone by the transaction if the backward overflowed
         return self.report(batch, weights)
 
     def report(self, batch: TaskLosses, weights: Tensor) -> StepReport:
@@ -620,14 +787,23 @@ class GradientAggregation(Strategy):
         self._require_graph(batch)
         inputs = self._grad_inputs(shared_params, features)
         with self.transaction():
-            rows = per_task_jacobian(batch, inputs, scaler)
+            rows, (start, stop) = _per_task_rows(batch, inputs, scaler, features is not None)
             detached = batch.values.detach()
-            if self.combines_gradients():
+            if overflowed():
+                # GradScaler will skip this step: compute nothing, and make every gradient say
+                # so (NaN) whatever the weights would have been. The report's weights are NaN.
+                weights = torch.full_like(detached, math.nan)
+                scaled_backward((weights * batch.values).sum(), scaler)
+            elif self.combines_gradients():
                 weights = self.gramian_weights(gramian(rows), detached, batch.index)
                 weights = weights.detach().to(batch.values.dtype)
-                _scaled((weights * batch.values).sum(), scaler).backward()
+                scaled_backward((weights * batch.values).sum(), scaler)
             else:
                 direction = self._aggregate_rows(rows, detached, batch.index)
+                if stop - start != direction.shape[0]:
+                    # features under DDP: this rank's block; DDP's average divides by the ranks
+                    ranks = distributed.world_size(batch.group)
+                    direction = direction[start:stop] * ranks
                 _backward_replacing(batch.values.sum(), inputs, direction, scaler)
                 weights = torch.ones_like(detached)
         return StepReport(batch.names, detached, weights)
@@ -646,7 +822,7 @@ def _backward_replacing(
         for tensor, piece in zip(inputs, pieces)
     ]
     try:
-        _scaled(total, scaler).backward()
+        scaled_backward(total, scaler)
     finally:
         for handle in handles:
             handle.remove()
