@@ -56,6 +56,11 @@ class GradNorm(LossWeighting):
     Without gradients (``s(losses)`` under ``torch.no_grad()``) it returns ``Σ w_i L_i``.
     """
 
+    task_weights: Tensor
+    initial_losses: Tensor
+    seen: Tensor
+    weight_optimizer: TaskParameterOptimizer
+
     needs_grads = True
 
     def __init__(

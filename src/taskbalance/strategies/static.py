@@ -26,6 +26,8 @@ class Static(LossWeighting):
         tensor(1.7000)
     """
 
+    task_weights: Tensor
+
     def __init__(
         self, tasks: Sequence[str], *, weights: Mapping[str, float] | Sequence[float] | float = 1.0
     ) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from taskbalance.registry import register_strategy
 from taskbalance.strategy import LossWeighting, StrategyError
@@ -51,6 +51,9 @@ class Uncertainty(LossWeighting):
         >>> s(losses)  # ½·2 + 0 + 1·1 + 0 at s = 0
         tensor(2., grad_fn=<AddBackward0>)
     """
+
+    factors: Tensor
+    log_var: nn.Parameter
 
     def __init__(
         self,
