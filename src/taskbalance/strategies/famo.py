@@ -1,0 +1,213 @@
+"""FAMO: Fast Adaptive Multitask Optimization (Liu, Feng, Stone & Liu, NeurIPS 2023)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from taskbalance.registry import register_strategy
+from taskbalance.strategy import (
+    LossWeighting,
+    StrategyError,
+    TaskLosses,
+    TaskParameterOptimizer,
+    per_task_vector,
+)
+
+
+@register_strategy(
+    "famo",
+    paper="Liu, Feng, Stone & Liu, 'FAMO: Fast Adaptive Multitask Optimization', NeurIPS 2023, "
+    "arXiv:2306.03792",
+    stateful=True,
+)
+class FAMO(LossWeighting):
+    """FAMO: decrease every task's log-loss at the same rate, with O(1) cost per step.
+
+    Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
+    arXiv:2306.03792, Algorithm 1. Task logits ``ξ`` (start 0), ``z = softmax(ξ)``, minimum
+    losses ``ℓ*`` (``min_losses=``, default 0) and ``D_i = ℓ_i − ℓ*_i + ε`` (``ε = 1e-8``):
+
+    * model objective ``Σ_i z_i log D_i / c`` with ``c = stopgrad(Σ_j z_j / D_j)``, whose
+      gradient is ``Σ_i w_i ∇ℓ_i`` with ``w_i = (z_i / D_i) / Σ_j (z_j / D_j)`` (the reported
+      weights; they sum to 1);
+    * logit update from the losses before (``ℓ_t``, kept in the ``previous_losses`` buffer) and
+      after (``ℓ_{t+1}``) the model's step:
+      ``δ = ∇_ξ softmax(ξ)ᵀ (log D_t − log D_{t+1})`` and ``ξ ← ξ − β(δ + γ ξ)``, run as Adam
+      with ``lr = β`` and L2 weight decay ``γ`` (as the official code uses
+      ``torch.optim.Adam(lr=β, weight_decay=γ)``). A task whose log-loss fell faster than the
+      weighted average loses weight.
+
+    **Where ℓ_{t+1} comes from.**
+
+    * ``s.update(losses_after)``: the paper's benchmark trainers run an extra forward pass
+      without gradients after ``optimizer.step()`` on the *same* batch and pass its losses.
+      Exact, costs one forward per step::
+
+          report = strategy.backward(losses)
+          optimizer.step()
+          with torch.no_grad():
+              strategy.update(compute_losses(model, batch))
+
+    * Cheaper (the default, ``update_on_next_step=True``): if :meth:`update` was not called,
+      the next training step uses *its own* losses as ``ℓ_{t+1}`` before computing its
+      weights. On a different batch this is a noisier estimate of the change; in the paper's
+      toy, which has no data, the two are the same. Calling :meth:`update` consumes the
+      pending step, so the two never update twice. ``update_on_next_step=False`` updates only
+      through :meth:`update`.
+
+    **Defaults and where the sources differ.**
+
+    * ``lr = 0.025`` (β): paper and code agree.
+    * ``gamma`` (γ, the logits' weight decay): the paper's text gives 0.001 and is followed
+      here; the official ``famo.py`` class defaults to 0.01, the copy in its
+      ``methods/weight_methods.py`` to 1e-5, its per-dataset scripts use 0.001 or 0.01, and its
+      toy uses 0 with ``ℓ* = (−2.1, −21)``.
+    * The official ``famo.py`` also clips the shared parameters' gradient norm at 1.0
+      (``max_norm``) when given them; that is a model-side choice and not done here (use
+      ``torch.nn.utils.clip_grad_norm_`` after ``backward``).
+
+    **Partial labels.** The softmax runs over the tasks present; the update uses the tasks both
+    present in ``losses_after`` and waiting from the previous step; every other task's logit,
+    Adam moments and stored loss stay as they were.
+
+    The losses must stay above ``min_losses``; a loss at or below its minimum raises
+    :class:`StrategyError` naming the task. Reported extra: ``logit`` (``ξ``).
+
+        >>> import torch, taskbalance as tb
+        >>> s = tb.create_strategy("famo", tasks=["a", "b"])
+        >>> losses = {"a": torch.tensor(1.0, requires_grad=True),
+        ...           "b": torch.tensor(4.0, requires_grad=True)}
+        >>> [round(w.item(), 4) for w in s.backward(losses).weight_values]  # ∝ 1/ℓ at ξ = 0
+        [0.8, 0.2]
+        >>> s.update({"a": torch.tensor(0.5), "b": torch.tensor(3.0)})  # a fell faster
+        >>> [round(x, 4) for x in s.logits.tolist()]  # Adam's first step: −β·sign(δ)
+        [-0.025, 0.025]
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        lr: float = 0.025,
+        gamma: float = 0.001,
+        min_losses: Mapping[str, float] | Sequence[float] | float = 0.0,
+        eps: float = 1e-8,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        update_on_next_step: bool = True,
+    ) -> None:
+        super().__init__(tasks)
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
+            raise StrategyError(f"gamma must be a finite number >= 0, got {gamma!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise StrategyError(f"eps must be a finite number >= 0, got {eps!r}")
+        if not isinstance(update_on_next_step, bool):
+            raise StrategyError(
+                f"update_on_next_step must be True or False, got {update_on_next_step!r}"
+            )
+        self.eps = float(eps)
+        self.update_on_next_step = update_on_next_step
+        count = len(self.tasks)
+        # Trained by update(), not by autograd: no gradient, so a model optimizer ignores it.
+        self.logits = nn.Parameter(torch.zeros(count), requires_grad=False)
+        self.logit_optimizer = TaskParameterOptimizer(
+            (count,), kind=optimizer, lr=lr, weight_decay=gamma
+        )
+        minimum = per_task_vector(min_losses, self.tasks, argument="min_losses")
+        self.register_buffer("min_losses", minimum)
+        self.register_buffer("previous_losses", torch.ones(count))
+        self.register_buffer("pending", torch.zeros(count, dtype=torch.bool))
+
+    # ----------------------------------------------------------------- the method
+    def _gaps(self, losses: Tensor, index: Tensor) -> Tensor:
+        return losses - self.min_losses[index].to(losses.dtype) + self.eps
+
+    def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
+        scaled = torch.softmax(self.logits[index], dim=0).to(losses.dtype) / self._gaps(
+            losses, index
+        )
+        return scaled / scaled.sum()
+
+    def objective(self, losses: Tensor, index: Tensor) -> Tensor:
+        z = torch.softmax(self.logits[index], dim=0).to(losses.dtype)
+        gaps = self._gaps(losses, index)
+        normaliser = (z / gaps.detach()).sum()
+        return (z * gaps.log()).sum() / normaliser
+
+    def extras(self, index: Tensor) -> dict[str, Tensor]:
+        return {"logit": self.logits.detach()[index]}
+
+    @torch.no_grad()
+    def update(self, losses_after: Mapping[str, Tensor]) -> None:
+        """Update the logits from the losses after the model's step (``ℓ_{t+1}``).
+
+        ``losses_after`` holds scalar losses (a graph is not needed) of some of the tasks of the
+        last training step; the logits of those tasks take one step.
+        """
+        batch = self.gather(losses_after)
+        if not bool(self.pending[batch.index].any()):
+            raise StrategyError(
+                f"update() needs a training step first: no step is waiting for tasks "
+                f"{list(batch.names)} (call strategy.backward(losses) before update)"
+            )
+        _require_above_minimum(self, batch)
+        with self.transaction():
+            self._step_logits(batch.values.detach(), batch.index)
+
+    def _step_logits(self, after: Tensor, index: Tensor) -> None:
+        """One logit step for the present tasks that wait for theirs (no host sync)."""
+        waiting = self.pending[index]
+        before = self.previous_losses[index]
+        after = after.to(before.dtype)
+        # softmax over the waiting tasks only (the others get z = 0 and no step)
+        logits = self.logits[index]
+        shifted = torch.where(waiting, logits, torch.full_like(logits, -math.inf))
+        exp = torch.where(waiting, (shifted - shifted.max()).exp(), torch.zeros_like(logits))
+        z = exp / exp.sum().clamp(min=torch.finfo(exp.dtype).tiny)
+        drop = torch.where(
+            waiting,
+            self._gaps(before, index).log() - self._gaps(after, index).log(),
+            torch.zeros_like(before),
+        )
+        # ∇softmax(ξ)ᵀ·Δ = z ⊙ (Δ − zᵀΔ): the Jacobian of softmax is diag(z) − zzᵀ.
+        grad = torch.zeros_like(self.logits)
+        grad[index] = z * (drop - (z * drop).sum())
+        mask = torch.zeros_like(self.pending)
+        mask[index] = waiting
+        self.logit_optimizer.step(self.logits, grad, mask)
+        self.pending[index] = False
+
+    def _combine(self, batch: TaskLosses) -> tuple[Tensor, Tensor, Callable[[], None]]:
+        _require_above_minimum(self, batch)
+        training = self.training and batch.has_graph and torch.is_grad_enabled()
+        detached = batch.values.detach()
+        if training and self.update_on_next_step:
+            with torch.no_grad():  # inside the caller's transaction: undone if the step fails
+                self._step_logits(detached, batch.index)
+        total, weights, commit = super()._combine(batch)
+        if not training:
+            return total, weights, commit
+
+        def remember() -> None:
+            commit()
+            self.previous_losses[batch.index] = detached.to(self.previous_losses.dtype)
+            self.pending[batch.index] = True
+
+        return total, weights, remember
+
+
+def _require_above_minimum(strategy: FAMO, batch: TaskLosses) -> None:
+    # One host sync, the price of failing loudly instead of training on NaN.
+    values = batch.values.detach()
+    above = values > strategy.min_losses[batch.index].to(values.dtype)
+    if not bool(above.all()):
+        position = above.tolist().index(False)
+        raise StrategyError(
+            f"FAMO needs losses above min_losses; loss of task {batch.names[position]!r} is "
+            f"{values[position].item()}, its minimum "
+            f"{strategy.min_losses[batch.index[position]].item()}"
+        )
