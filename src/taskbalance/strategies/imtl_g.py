@@ -1,0 +1,73 @@
+"""IMTL-G, the gradient half of Impartial Multi-Task Learning (Liu et al., ICLR 2021)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from taskbalance.registry import register_strategy
+from taskbalance.solvers import solver_dtype
+from taskbalance.strategy import GradientAggregation
+
+PAPER = (
+    "Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, 'Towards Impartial Multi-task Learning', "
+    "ICLR 2021, https://openreview.net/forum?id=IMPnRXEWpvr"
+)
+
+
+def imtl_g_weights(gramian: Tensor, *, rcond: float = 1e-10) -> Tensor:
+    """IMTL-G weights from the Gramian: ``α ∝ G⁺ n`` with ``n_i = ‖g_i‖``, ``|Σ α_i| = 1``.
+
+    The update ``d = Σ α_i g_i`` has equal projections on every unit gradient,
+    ``dᵀ g_i / ‖g_i‖ = c``, i.e. ``G α = c n``. The pseudo-inverse gives the minimum-norm
+    ``d`` when the gradients are linearly dependent (duplicate tasks then share the weight
+    equally); eigenvalues below ``rcond`` times the largest are dropped. The normalisation
+    divides by ``|1ᵀ G⁺ n|``, not by ``1ᵀ G⁺ n``: the sum can be negative (a task with a tiny
+    gradient whose unit direction lies between others), and dividing by it would turn ``d``
+    against every task. When the sum is 0 (every gradient zero) the weights are zero.
+    Computed in float64 (float32 on MPS).
+    """
+    work = gramian.to(solver_dtype(gramian.device))
+    work = 0.5 * (work + work.mT)
+    scale = work.diagonal().max()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    work = work / scale  # the weights do not depend on the scale
+    norms = work.diagonal().clamp(min=0).sqrt()
+    values, vectors = torch.linalg.eigh(work)
+    keep = values > rcond * values.max().clamp(min=0)
+    inverse = torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), 0.0)
+    raw = vectors @ (inverse * (vectors.mT @ norms))
+    total = raw.sum()
+    weights = torch.where(total.abs() > 0, raw / total.abs(), torch.zeros_like(raw))
+    return weights.to(gramian.dtype)
+
+
+@register_strategy("imtl_g", paper=PAPER)
+class ImtlG(GradientAggregation):
+    """IMTL-G: the update whose projections on every unit task gradient are equal.
+
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task Learning",
+    ICLR 2021 (OpenReview IMPnRXEWpvr; no arXiv version), Sec. 3.1. With unit gradients
+    ``u_i = g_i / ‖g_i‖`` the paper asks for ``d = Σ α_i g_i``, ``Σ α_i = 1``, with
+    ``dᵀu_1 = dᵀu_i`` for all ``i``, and gives the closed form
+    ``α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹``, ``α_1 = 1 − Σ α_{2:T}`` with rows ``U_i = u_1 − u_i``,
+    ``D_i = g_1 − g_i``. The same conditions read ``G α = c n`` (``n_i = ‖g_i‖``), so
+    ``α = G⁻¹n / 1ᵀG⁻¹n``: the form used here (as in TorchJD), from the Gramian alone, with the
+    pseudo-inverse where the gradients are linearly dependent (the paper's matrix inverse
+    fails there). See :func:`imtl_g_weights`.
+
+    Scaling: scaling one task's gradient does not change the direction of ``d`` (only the
+    unit gradients enter the conditions); scaling all of them by ``k > 0`` keeps the weights
+    and multiplies ``d`` by ``k``.
+
+    The paper updates the task-specific parameters with their own loss gradients; here, as for
+    every gradient-level strategy of this package, the heads get ``α_i ∇L_i``.
+
+        >>> import torch, taskbalance as tb
+        >>> s = tb.create_strategy("imtl_g", tasks=["a", "b"])
+        >>> s.aggregate(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))  # α = (¾, ¼)
+        tensor([0.7500, 0.7500])
+    """
+
+    def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+        return imtl_g_weights(gramian)
