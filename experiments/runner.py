@@ -516,7 +516,8 @@ def _item_key(item: Any) -> str:
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     """What W&B recorded in an offline run folder (``<dir>/wandb/offline-run-*``).
 
-    Returns ``{"config": {...}, "history": [{key: value, "_step": n}, ...], "summary": {...}}``,
+    Returns ``{"name", "group", "project", "job_type", "config": {...}, "history": [{key: value,
+    "_step": n}, ...], "summary": {...}}``,
     decoded from the run's ``.wandb`` record file (offline runs write config and summary only
     there). Meant for tests and for inspecting a run without uploading it.
     """
@@ -526,6 +527,7 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     files = sorted(folder.glob("*.wandb"))
     if not files:
         raise FileNotFoundError(f"no .wandb record file in {folder}")
+    run: dict[str, Any] = {}
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
@@ -533,6 +535,9 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = {"name": record.run.display_name, "group": record.run.run_group}
+            run.update(project=record.run.project, job_type=record.run.job_type)
         if kind in ("run", "config"):  # the run record carries the initial config
             updates = record.run.config.update if kind == "run" else record.config.update
             for item in updates:
@@ -551,4 +556,4 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         for k, v in config.items()
         if not k.startswith("_")
     }
-    return {"config": config, "history": history, "summary": summary}
+    return {**run, "config": config, "history": history, "summary": summary}
