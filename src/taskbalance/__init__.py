@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from taskbalance import strategies as _strategies  # noqa: F401  (registers the built-ins)
 from taskbalance.losses import MultiTaskLoss
+from taskbalance.optim import TaskOptimizers, list_optimizers, make_optimizer
 from taskbalance.registry import create_strategy, list_strategies, register_strategy
 from taskbalance.strategy import (
     GradientAggregation,
@@ -24,7 +25,10 @@ __all__ = [
     "StepReport",
     "Strategy",
     "StrategyError",
+    "TaskOptimizers",
     "create_strategy",
+    "list_optimizers",
     "list_strategies",
+    "make_optimizer",
     "register_strategy",
 ]
