@@ -1,0 +1,63 @@
+"""DualProj (Quinton & Rey, 2024): the mean gradient projected onto the dual cone."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor
+
+from taskbalance.cone import project_weights
+from taskbalance.registry import register_strategy
+from taskbalance.strategies.upgrad import (
+    check_cone_arguments,
+    preference_buffer,
+    present_preference,
+)
+from taskbalance.strategy import GradientAggregation
+
+
+@register_strategy(
+    "dualproj",
+    paper="Quinton & Rey, 'Jacobian Descent for Multi-Objective Optimization', 2024, "
+    "arXiv:2406.16232",
+)
+class DualProj(GradientAggregation):
+    """DualProj: project the (preference-weighted) mean gradient onto the dual cone.
+
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024, arXiv:2406.16232
+    (the "DualProj" baseline of the paper, as in TorchJD). With ``C = {v : J v ≥ 0}``,
+
+        d = Π_C(Σ_i p_i g_i) = Jᵀ w(p),   w(p) = argmin_{w ≥ p} ½ wᵀ G w,
+
+    ``p_i = 1/k`` by default. ``J d ≥ 0`` (non-conflicting) and ``d(sJ) = s·d(J)``. When the mean
+    conflicts with no task, ``d`` is the mean itself. The arguments ``pref_vector``, ``reg_eps``
+    (default ``1e-8``; TorchJD ``1e-4``), ``tol`` and ``max_iter`` are those of
+    :class:`~taskbalance.strategies.upgrad.UPGrad`, with the same choices.
+
+        >>> import torch, taskbalance as tb
+        >>> s = tb.create_strategy("dualproj", tasks=["a", "b"])
+        >>> J = torch.tensor([[1.0, 0.0], [-2.0, 1.0]])  # mean (-0.5, 0.5) conflicts with g1
+        >>> [round(x, 4) + 0.0 for x in s.aggregate(J).tolist()]  # + 0.0 turns -0.0 into 0.0
+        [0.0, 0.5]
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        pref_vector: Mapping[str, float] | Sequence[float] | None = None,
+        reg_eps: float = 1e-8,
+        tol: float = 1e-7,
+        max_iter: int = 100,
+    ) -> None:
+        super().__init__(tasks)
+        check_cone_arguments(reg_eps, tol, max_iter)
+        self.reg_eps, self.tol, self.max_iter = reg_eps, tol, max_iter
+        # A constructor argument, not state: kept out of the state_dict.
+        self.register_buffer("pref", preference_buffer(pref_vector, self.tasks), persistent=False)
+
+    def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+        pref = present_preference(self.pref, index, gramian)
+        return project_weights(
+            gramian, pref, reg_eps=self.reg_eps, tol=self.tol, max_iter=self.max_iter
+        )
