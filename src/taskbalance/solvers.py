@@ -252,9 +252,10 @@ def nash_weights(
     Navon et al. 2022, eq. (2). The solution is the minimiser of the strictly convex,
     self-concordant ``½ αᵀ G α − Σ log α_i`` (its gradient is ``G α − 1/α``), so damped Newton
     steps ``1/(1 + λ)`` (``λ`` the Newton decrement; full steps once ``λ < ¼``) converge from
-    any positive start without a line search, quadratically near the solution. Solved for
-    ``Ĝ = G / max diag G`` and mapped back (``α = α̂ / √max diag G``); starts at
-    ``α̂_i = 1 / √Ĝ_ii``, the exact answer for orthogonal gradients.
+    any positive start without a line search, quadratically near the solution. Solved for the
+    cosine matrix ``C = G / (n nᵀ)``, ``n_i = ‖g_i‖`` (``β`` with ``C β = 1/β`` gives
+    ``α = β / n``: exact, since the problem is covariant under per-task scaling), starting at
+    ``β = 1``, the answer for orthogonal gradients.
 
     Converged when ``max_i |α_i (G α)_i − 1| ≤ tol``. The solution exists exactly when no
     non-negative, non-zero combination of the task gradients vanishes (no zero gradient, no
@@ -270,40 +271,46 @@ def nash_weights(
     _check_gramian(gramian)
     if max_iter < 1 or check_every < 1:
         raise StrategyError("max_iter and check_every must be >= 1")
-    work, scale = _normalised(gramian)
+    work = gramian.to(solver_dtype(gramian.device))
+    work = 0.5 * (work + work.mT)
+    norms = work.diagonal().clamp(min=0).sqrt()
+    if not bool((norms > 0).all()):
+        raise StrategyError(_nash_failure(work, tol, "no solution"))
+    # Solve for the cosine matrix C = G / (n nᵀ): β solves C β = 1/β iff α = β / n solves
+    # G α = 1/α. This is exact (Nash-MTL is covariant under per-task scaling) and leaves
+    # Newton a matrix with unit diagonal however different the gradient norms are.
+    cosines = work / torch.outer(norms, norms)
     count = work.shape[0]
-    diagonal = work.diagonal()
     if count <= 2:
-        alpha = _nash_closed_form(work)
-        residual = (alpha * (work @ alpha) - 1).abs().max()
-        if not bool(torch.isfinite(alpha).all() & (residual <= tol) & (alpha > 0).all()):
+        beta = _nash_closed_form(cosines)
+        residual = (beta * (cosines @ beta) - 1).abs().max()
+        if not bool(torch.isfinite(beta).all() & (residual <= tol)):
             raise StrategyError(_nash_failure(work, tol, "no solution"))
-        return (alpha / scale.sqrt()).to(gramian.dtype)
-    alpha = 1 / diagonal.clamp(min=1e-12).sqrt()
+        return (beta / norms).to(gramian.dtype)
+    beta = torch.ones_like(norms)  # exact for orthogonal gradients
     for iteration in range(1, max_iter + 1):
-        grad = work @ alpha - 1 / alpha
-        hessian = work + torch.diag(1 / alpha**2)
+        grad = cosines @ beta - 1 / beta
+        hessian = cosines + torch.diag(1 / beta**2)
         direction, _ = torch.linalg.solve_ex(hessian, -grad)
         decrement = (-(grad @ direction)).clamp(min=0).sqrt()
         size = torch.where(decrement < 0.25, torch.ones_like(decrement), 1 / (1 + decrement))
-        alpha = (alpha + size * direction).clamp(min=torch.finfo(alpha.dtype).tiny)
+        beta = (beta + size * direction).clamp(min=torch.finfo(beta.dtype).tiny)
         if iteration % check_every == 0 or iteration == max_iter:
-            residual = (alpha * (work @ alpha) - 1).abs().max()
-            if bool(torch.isfinite(alpha).all() & (residual <= tol)):
-                return (alpha / scale.sqrt()).to(gramian.dtype)
+            residual = (beta * (cosines @ beta) - 1).abs().max()
+            if bool(torch.isfinite(beta).all() & (residual <= tol)):
+                return (beta / norms).to(gramian.dtype)
     raise StrategyError(_nash_failure(work, tol, f"not converged in {max_iter} Newton steps"))
 
 
-def _nash_closed_form(work: Tensor) -> Tensor:
-    norms = work.diagonal().clamp(min=0).sqrt()
-    if work.shape[0] == 1:
-        return 1 / norms
-    cosine = work[0, 1] / (norms[0] * norms[1])
-    return 1 / (norms * (1 + cosine).sqrt())
+def _nash_closed_form(cosines: Tensor) -> Tensor:
+    """One or two tasks, unit diagonal: ``β_i = 1 / √(1 + cos θ)``."""
+    if cosines.shape[0] == 1:
+        return torch.ones_like(cosines[0])
+    return (1 / (1 + cosines[0, 1]).sqrt()).expand(2).clone()
 
 
 def _nash_failure(work: Tensor, tol: float, reason: str) -> str:
-    zero = (work.diagonal() <= 1e-24).nonzero().flatten().tolist()
+    zero = (work.diagonal() <= 0).nonzero().flatten().tolist()
     detail = (
         f"task gradients {zero} are zero"
         if zero

@@ -21,7 +21,9 @@ def imtl_g_weights(gramian: Tensor, *, rcond: float = 1e-10) -> Tensor:
     The update ``d = Σ α_i g_i`` has equal projections on every unit gradient,
     ``dᵀ g_i / ‖g_i‖ = c``, i.e. ``G α = c n``. The pseudo-inverse gives the minimum-norm
     ``d`` when the gradients are linearly dependent (duplicate tasks then share the weight
-    equally); eigenvalues below ``rcond`` times the largest are dropped. The normalisation
+    equally); it is taken of the cosine matrix ``G / (n nᵀ)``, dropping eigenvalues below
+    ``rcond`` times the largest, so that the weights do not depend on the gradients' norms
+    beyond the exact ``1/n_i`` factor. The normalisation
     divides by ``|1ᵀ G⁺ n|``, not by ``1ᵀ G⁺ n``: the sum can be negative (a task with a tiny
     gradient whose unit direction lies between others), and dividing by it would turn ``d``
     against every task. When the sum is 0 (every gradient zero) the weights are zero.
@@ -29,14 +31,17 @@ def imtl_g_weights(gramian: Tensor, *, rcond: float = 1e-10) -> Tensor:
     """
     work = gramian.to(solver_dtype(gramian.device))
     work = 0.5 * (work + work.mT)
-    scale = work.diagonal().max()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    work = work / scale  # the weights do not depend on the scale
+    # G = N C N with N = diag(n) and C the cosine matrix, so G⁺n = N⁻¹ C⁺ 1: working on C keeps
+    # a task with a tiny gradient from vanishing below the pseudo-inverse's cut-off. A zero
+    # gradient gets weight 0 (its row and column of G⁺ are zero).
     norms = work.diagonal().clamp(min=0).sqrt()
-    values, vectors = torch.linalg.eigh(work)
+    present = norms > 0
+    inverse_norms = torch.where(present, 1 / torch.where(present, norms, 1.0), 0.0)
+    cosines = work * torch.outer(inverse_norms, inverse_norms)
+    values, vectors = torch.linalg.eigh(cosines)
     keep = values > rcond * values.max().clamp(min=0)
     inverse = torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), 0.0)
-    raw = vectors @ (inverse * (vectors.mT @ norms))
+    raw = inverse_norms * (vectors @ (inverse * (vectors.mT @ present.to(work.dtype))))
     total = raw.sum()
     weights = torch.where(total.abs() > 0, raw / total.abs(), torch.zeros_like(raw))
     return weights.to(gramian.dtype)

@@ -66,6 +66,9 @@ class NashMTL(GradientAggregation):
         tensor([1., 1.])
     """
 
+    alpha: Tensor
+    step: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

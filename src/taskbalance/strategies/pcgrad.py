@@ -52,6 +52,7 @@ class PCGrad(GradientAggregation):
     """
 
     deterministic = False
+    generator_state: Tensor
 
     def __init__(
         self,
