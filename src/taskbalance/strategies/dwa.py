@@ -69,6 +69,13 @@ class DWA(LossWeighting):
         [0.8756, 1.1244]
     """
 
+    epoch_mean: Tensor
+    epoch_steps: Tensor
+    previous: Tensor
+    epochs_seen: Tensor
+    recent: Tensor
+    steps_seen: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

@@ -89,6 +89,11 @@ class FAMO(LossWeighting):
         [-0.025, 0.025]
     """
 
+    logits: nn.Parameter
+    min_losses: Tensor
+    previous_losses: Tensor
+    pending: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

@@ -47,6 +47,8 @@ class ImtlL(LossWeighting):
         tensor(2.5000)
     """
 
+    scale: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

@@ -72,6 +72,8 @@ class RLW(LossWeighting):
         tensor(2.)
     """
 
+    generator_state: Tensor
+
     deterministic: ClassVar[bool] = False
 
     def __init__(

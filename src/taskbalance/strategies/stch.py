@@ -63,6 +63,13 @@ class STCH(LossWeighting):
         [0.5, 1.5]
     """
 
+    preference: Tensor
+    ideal_point: Tensor
+    ideal_ready: Tensor
+    epochs_done: Tensor
+    epoch_mean: Tensor
+    epoch_steps: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],
