@@ -22,7 +22,7 @@ class DWA(LossWeighting):
     """Dynamic Weight Average: weight each task by how slowly its loss has been falling.
 
     Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019,
-    arXiv:1803.10704, eq. 7. With ``L_k(t)`` the average training loss of task ``k`` in epoch
+    arXiv:1803.10704. With ``L_k(t)`` the average training loss of task ``k`` in epoch
     ``t`` and ``K`` tasks:
 
         ``w_k(t − 1) = L_k(t − 1) / L_k(t − 2)``,

@@ -22,7 +22,8 @@ class ImtlL(LossWeighting):
     """IMTL-L: learned loss scales that make every task's scaled loss constant.
 
     Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task Learning",
-    ICLR 2021 (OpenReview IMPnRXEWpvr; no arXiv version), Sec. 3.2. Each task has a learned
+    ICLR 2021 (OpenReview IMPnRXEWpvr; no arXiv version), the loss-balancing part (IMTL-L).
+    Each task has a learned
     ``s_i`` and the objective is
 
         ``Σ_i e^(s_i) · L_i − s_i``

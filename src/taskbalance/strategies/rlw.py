@@ -1,4 +1,4 @@
-"""Random loss weighting (Lin, Ye, Xu, Shi, Zhang & Kwok, TMLR 2022)."""
+"""Random loss weighting (Lin, Ye, Zhang & Tsang, TMLR 2022)."""
 
 from __future__ import annotations
 
@@ -18,19 +18,19 @@ _DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "bernoulli", "constrained_be
 
 @register_strategy(
     "rlw",
-    paper="Lin, Ye, Xu, Shi, Zhang & Kwok, 'Reasonable Effectiveness of Random Weighting: A "
+    paper="Lin, Ye, Zhang & Tsang, 'Reasonable Effectiveness of Random Weighting: A "
     "Litmus Test for Multi-Task Learning', TMLR 2022, arXiv:2111.10603",
     stateful=True,
 )
 class RLW(LossWeighting):
     """Random loss weighting: fresh random task weights at every training step.
 
-    Lin, Ye, Xu, Shi, Zhang & Kwok, "Reasonable Effectiveness of Random Weighting: A Litmus
+    Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus
     Test for Multi-Task Learning", TMLR 2022, arXiv:2111.10603. Each training step draws
     ``λ̃ ~ p(λ̃)`` and trains on ``Σ_i λ_i L_i`` with ``λ = f(λ̃)`` normalised to the simplex.
     ``distribution=`` picks ``p`` (with the normalisation ``f`` used here):
 
-    * ``"normal"`` (default, LibMTL's and the paper's main choice): ``softmax(N(0, I))``;
+    * ``"normal"`` (default; LibMTL's and the Nash-MTL code's choice): ``softmax(N(0, I))``;
     * ``"uniform"``: ``softmax(U(0, 1))``;
     * ``"dirichlet"``: ``Dir(1, …, 1)``, already on the simplex (drawn as normalised
       ``Exp(1)`` variables);
@@ -40,8 +40,9 @@ class RLW(LossWeighting):
 
     **Scale.** The weights sum to ``total`` (default 1, as LibMTL's ``softmax``), so the
     update is ``total/k`` times the plain sum's in expectation; ``total=k`` (the number of
-    tasks) matches the scale of the plain sum. The paper's Table 1 also lists a normal
-    distribution with random mean and variance, not offered here.
+    tasks) matches the scale of the plain sum. The normalisations of the non-default
+    distributions are this package's (weights on the simplex); check them against the paper's
+    tables before comparing numbers with it.
 
     **Randomness and resuming.** The draws come from a private ``torch.Generator`` (on the
     CPU) whose state lives in the ``generator_state`` buffer: ``state_dict()`` carries it, so a

@@ -1,4 +1,4 @@
-"""Smooth Tchebycheff scalarization, STCH (Lin, Zhang, Yang, Zhang & Zhang, ICML 2024)."""
+"""Smooth Tchebycheff scalarization, STCH (Lin, Zhang, Yang, Liu, Wang & Zhang, ICML 2024)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from taskbalance.strategy import LossWeighting, StrategyError, TaskLosses, per_t
 
 @register_strategy(
     "stch",
-    paper="Lin, Zhang, Yang, Zhang & Zhang, 'Smooth Tchebycheff Scalarization for "
+    paper="Lin, Zhang, Yang, Liu, Wang & Zhang, 'Smooth Tchebycheff Scalarization for "
     "Multi-Objective Optimization', ICML 2024, arXiv:2402.19078",
     stateful=True,
 )
 class STCH(LossWeighting):
     """Smooth Tchebycheff scalarization: a smooth maximum of the preference-weighted gaps.
 
-    Lin, Zhang, Yang, Zhang & Zhang, "Smooth Tchebycheff Scalarization for Multi-Objective
-    Optimization", ICML 2024, arXiv:2402.19078, eq. 7:
+    Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff Scalarization for Multi-Objective
+    Optimization", ICML 2024, arXiv:2402.19078:
 
         ``g_μ(x | λ) = μ · log Σ_i exp(λ_i (f_i(x) − z*_i) / μ)``
 
