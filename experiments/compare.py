@@ -444,7 +444,8 @@ def accuracy_figure(numeric: Sequence[dict[str, Any]], tasks: Sequence[str]) -> 
                 label=f"single-task {task}",
             )
     axis.set_yticks(range(len(rows)), [r["method"] for r in rows])
-    values = [100 * r[f"{t}_acc_mean"] for r in rows for t in tasks]
+    values = [100 * r[f"{t}_acc_mean"] for r in numeric for t in tasks]
+    values = [v for v in values if not math.isnan(v)]
     if values:
         axis.set_xlim(max(0.0, min(values) - 5), min(100.0, max(values) + 3))
     axis.set_xlabel("test accuracy % (mean ± std over seeds); sorted by Δm")

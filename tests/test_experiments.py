@@ -1,0 +1,409 @@
+"""The experiment infrastructure: config parsing, tracking, checkpoints, Multi-Digits, compare."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+
+import taskbalance as tb
+
+# experiments/ is a folder of scripts next to the package, not installed: make it importable
+# under plain `pytest` (which does not put the repository root on sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import compare
+from experiments.data import make_multi_digits, overlay
+from experiments.models import MultiDigitsNet
+from experiments.runner import (
+    RunConfig,
+    batch_indices,
+    markdown_table,
+    parse_config,
+    read_offline_run,
+    select_strategies,
+    start_tracking,
+    write_table,
+)
+from taskbalance.integrations import wandb as tb_wandb
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small models on a shared 2-core machine: one thread is faster and steadier.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return make_multi_digits(seed=0)
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class Example(RunConfig):
+    steps: int = 10
+    lr: float = 0.1
+    quick: bool = False
+    limit: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    names: list[str] = field(default_factory=lambda: ["*"])
+    mode: Literal["a", "b"] = "a"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+def test_parse_config_defaults_and_typed_overrides() -> None:
+    assert parse_config(Example, []) == Example()
+    config = parse_config(
+        Example,
+        ["--steps", "7", "--lr", "1e-3", "--quick", "--seeds", "3", "4", "--names", "grad*",
+         "mgda", "--limit", "5", "--mode", "b", "--wandb-mode", "disabled", "--wandb_group", "g"],
+    )  # fmt: skip
+    assert config == Example(
+        steps=7, lr=1e-3, quick=True, limit=5, seeds=[3, 4], names=["grad*", "mgda"], mode="b",
+        wandb_mode="disabled", wandb_group="g",
+    )  # fmt: skip
+    assert isinstance(config.steps, int) and isinstance(config.seeds[0], int)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--quick", "false"], {"quick": False}),
+        (["--quick", "yes"], {"quick": True}),
+        (["--seeds", "0,1,2,5"], {"seeds": [0, 1, 2, 5]}),
+        (["--limit", "none"], {"limit": None}),
+    ],
+)
+def test_parse_config_value_forms(argv: list[str], expected: dict) -> None:
+    config = parse_config(Example, argv)
+    assert {k: getattr(config, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stpes", "3"], "unrecognized arguments: --stpes"),
+        (["--ste", "3"], "unrecognized arguments"),  # no abbreviations
+        (["--steps", "three"], "invalid"),
+        (["--mode", "c"], "not one of"),
+        (["--quick", "maybe"], "expected a boolean"),
+        (["--steps", "0"], "steps must be >= 1"),
+    ],
+)
+def test_parse_config_rejects(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(Example, argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_then_command_line(tmp_path: Path, capsys) -> None:
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps({"steps": 20, "lr": "0.5", "seeds": [7], "wandb-mode": "disabled"}))
+    config = parse_config(Example, ["--config", str(file), "--steps", "30"])
+    assert (config.steps, config.lr, config.seeds, config.wandb_mode) == (30, 0.5, [7], "disabled")
+
+    file.write_text(json.dumps({"step": 20}))
+    with pytest.raises(SystemExit):
+        parse_config(Example, ["--config", str(file)])
+    err = capsys.readouterr().err
+    assert "unknown key 'step'" in err and "did you mean steps" in err
+
+
+# --------------------------------------------------------------------------- small helpers
+def test_batch_indices_are_epoch_permutations() -> None:
+    first = torch.cat([batch_indices(10, 3, seed=1, step=s) for s in range(3)])
+    assert len(set(first.tolist())) == 9  # one epoch: no repeats, the partial batch dropped
+    again = torch.cat([batch_indices(10, 3, seed=1, step=s) for s in (2, 0, 1)])
+    assert sorted(again.tolist()) == sorted(first.tolist())  # a pure function of the step
+    assert not torch.equal(batch_indices(10, 3, seed=1, step=3), first[:3])  # a new epoch
+    with pytest.raises(ValueError, match="batch_size"):
+        batch_indices(10, 11, seed=0, step=0)
+
+
+def test_tables(tmp_path: Path) -> None:
+    rows = [{"method": "equal", "acc": 0.5}, {"method": "a|b", "acc": 0.125, "extra": "x"}]
+    csv_path, md_path = write_table(rows, tmp_path / "out", "table")
+    with csv_path.open() as handle:
+        read = list(csv.DictReader(handle))
+    assert read == [
+        {"method": "equal", "acc": "0.5", "extra": ""},
+        {"method": "a|b", "acc": "0.125", "extra": "x"},
+    ]
+    assert md_path.read_text().splitlines() == [
+        "| method | acc | extra |",
+        "|---|---|---|",
+        "| equal | 0.5 |  |",
+        "| a\\|b | 0.125 | x |",
+    ]
+    assert markdown_table(rows, ["acc"], float_format=".1f").endswith("| 0.1 |")
+
+
+def test_select_strategies() -> None:
+    assert select_strategies(["equal", "stat*", "equal"]) == ["equal", "static"]
+    assert select_strategies(["*"]) == tb.list_strategies()
+    with pytest.raises(tb.StrategyError, match="did you mean 'equal'"):
+        select_strategies(["eqaul"])
+
+
+def test_delta_m_definition() -> None:
+    # Maninis et al.: mean over tasks of (M - M_single) / M_single · 100, higher is better.
+    assert compare.delta_m({"left": 0.88, "right": 0.9}, {"left": 0.8, "right": 1.0}) == (
+        pytest.approx((10.0 - 10.0) / 2)
+    )
+    assert compare.delta_m({"a": 0.5}, {"a": 0.4}) == pytest.approx(25.0)
+
+
+# --------------------------------------------------------------------------- tracking
+def test_tracker_records_what_was_logged(tmp_path: Path) -> None:
+    tracker = start_tracking(Example(out=str(tmp_path)), name="probe", group="grp")
+    assert tracker.active
+    for step in range(3):
+        tracker.log({"train/loss/left": 1.0 / (step + 1), "weights/left": 0.5}, step=step)
+    tracker.summary({"final/acc/left": 0.75})
+    tracker.finish()
+    assert not tracker.active
+    tracker.log({"ignored": 1.0})  # after finish: a no-op, no error
+    record = read_offline_run(tracker.run_dir)
+    assert (record["name"], record["group"]) == ("probe", "grp")
+    assert record["config"]["steps"] == 10 and record["config"]["seeds"] == [0, 1, 2]
+    losses = [row["train/loss/left"] for row in record["history"]]
+    assert losses == pytest.approx([1.0, 0.5, 1 / 3])
+    assert [row["_step"] for row in record["history"]] == [0, 1, 2]
+    assert record["summary"]["final/acc/left"] == 0.75
+
+
+def test_tracker_falls_back_when_wandb_init_fails(monkeypatch, capsys, tmp_path: Path) -> None:
+    import wandb
+
+    def broken_init(**kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    tracker = start_tracking(Example(out=str(tmp_path)))
+    assert type(tracker) is tb_wandb.Tracker and not tracker.active
+    tracker.log({"a": 1.0}, step=0)
+    tracker.summary({"a": 1.0})
+    tracker.finish()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "W&B could not start (RuntimeError: no network)" in err[0]
+
+
+def test_tracker_falls_back_without_wandb(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    tracker = tb_wandb.start_run({}, mode="offline")
+    assert not tracker.active
+    assert "W&B is not installed" in capsys.readouterr().err
+
+
+def test_only_rank_zero_logs(monkeypatch) -> None:
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert not tb_wandb.is_main_process()
+    assert not tb_wandb.start_run({}, mode="offline").active
+
+
+def test_tracker_stops_logging_when_wandb_breaks(capsys) -> None:
+    class BrokenRun:
+        dir = None
+
+        def log(self, data, step=None):
+            raise OSError("disk full")
+
+        def finish(self, exit_code=0):
+            self.finished = exit_code
+
+    run = BrokenRun()
+    tracker = tb_wandb.WandbTracker(run)
+    tracker.log({"a": 1.0}, step=0)
+    tracker.log({"a": 2.0}, step=1)  # already off: no second warning
+    assert not tracker.active and run.finished == 1
+    assert capsys.readouterr().err.count("W&B log failed (OSError: disk full)") == 1
+
+
+# --------------------------------------------------------------------------- data and model
+def test_multi_digits_is_built_like_sener_and_koltun(digits) -> None:
+    from sklearn.datasets import load_digits
+
+    source = load_digits()
+    images = torch.as_tensor(source.images, dtype=torch.float32) / 16
+    targets = torch.as_tensor(source.target)
+    train, test = digits.train_sources, digits.test_sources
+    # Split by source image first: no digit image appears in both splits.
+    assert not set(train.flatten().tolist()) & set(test.flatten().tolist())
+    assert len(set(train[:, 0].tolist())) + len(set(test[:, 0].tolist())) == len(images)
+    assert (train[:, 0] != train[:, 1]).all() and (test[:, 0] != test[:, 1]).all()
+    # Left digit at the top-left of a 10×10 canvas, right one offset by 2, max where overlapping.
+    k = 5
+    left, right = images[train[k, 0]], images[train[k, 1]]
+    expected = torch.zeros(10, 10)
+    expected[:8, :8] = left
+    expected[2:, 2:] = torch.maximum(expected[2:, 2:], right)
+    torch.testing.assert_close(digits.train_images[k, 0], expected)
+    assert digits.train_labels["left"][k] == targets[train[k, 0]]
+    assert digits.test_labels["right"].tolist() == targets[test[:, 1]].tolist()
+    assert digits.train_images.min() >= 0 and digits.train_images.max() <= 1
+
+
+def test_multi_digits_is_deterministic(digits) -> None:
+    again = make_multi_digits(seed=0)
+    assert torch.equal(again.train_images, digits.train_images)
+    assert torch.equal(again.test_sources, digits.test_sources)
+    assert not torch.equal(make_multi_digits(seed=1).test_sources, digits.test_sources)
+    grown = make_multi_digits(seed=0, pairs_per_image=3, resize=8)
+    assert len(grown.train_images) == 3 * len(digits.train_images)
+    assert len(grown.test_images) == len(digits.test_images)  # test pairs are not repeated
+    assert tuple(grown.train_images.shape[1:]) == (1, 8, 8)
+
+
+def test_overlay_takes_the_maximum() -> None:
+    left = torch.tensor([[[0.2, 0.9], [0.5, 0.1]]])
+    right = torch.tensor([[[0.7, 0.0], [0.0, 0.3]]])
+    canvas = overlay(left, right, canvas=3, offset=1)[0]
+    expected = torch.tensor([[0.2, 0.9, 0.0], [0.5, 0.7, 0.0], [0.0, 0.0, 0.3]])
+    torch.testing.assert_close(canvas, expected)
+    with pytest.raises(ValueError, match="overflows"):
+        overlay(left, right, canvas=2, offset=1)
+
+
+def test_model_splits_trunk_and_heads() -> None:
+    model = MultiDigitsNet(("left", "right"))
+    features, logits = model(torch.rand(3, 1, 10, 10))
+    assert features.shape == (3, 50) and logits["right"].shape == (3, 10)
+    shared = {id(p) for p in model.shared_parameters()}
+    heads = {id(p) for t in model.tasks for p in model.task_parameters(t)}
+    assert shared.isdisjoint(heads)
+    assert shared | heads == {id(p) for p in model.parameters()}
+    # The FC layer of the trunk sees 20 channels × 2 × 2 after two poolings of a 10×10 image.
+    assert model.trunk[7].in_features == 80
+
+
+# --------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("method", ["rlw", "dwa", "uncertainty"])
+def test_resumed_run_matches_uninterrupted_run(method: str, digits, tmp_path: Path) -> None:
+    if method not in tb.list_strategies():
+        pytest.skip(f"{method} is not registered")
+    # batch 256 on 1348 pairs: 5 steps per epoch, so the run crosses epoch ends (DWA's
+    # end_epoch, evaluation, checkpoints) before and after the interruption at step 7.
+    config = compare.CompareConfig(
+        out=str(tmp_path), steps=13, batch_size=256, pairs_per_image=1, wandb_mode="disabled"
+    )
+    data = digits
+    tracker = tb_wandb.Tracker()
+    full, full_model = compare.train_run(config, data, method, 3, tracker)
+
+    path = tmp_path / "run.pt"
+    first, _ = compare.train_run(config, data, method, 3, tracker, checkpoint=path, stop_after=7)
+    assert first.steps_done == 7 and path.exists()
+    torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore it
+    resumed_config = dataclasses.replace(config, resume=True, checkpoint_dir=str(tmp_path))
+    resumed, resumed_model = compare.train_run(
+        resumed_config, data, method, 3, tracker, checkpoint=path
+    )
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.weights == full.weights
+    assert resumed.accuracy == full.accuracy
+
+
+# --------------------------------------------------------------------------- compare end to end
+def _offline_runs(out: Path) -> dict[str, dict]:
+    runs = {}
+    for folder in sorted((out / "wandb").glob("offline-run-*")):
+        record = read_offline_run(folder)
+        runs[record["name"]] = record | {"folder": folder}
+    return runs
+
+
+def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
+    # A strategy that raises must show up as failed while the others go on.
+    from taskbalance.strategies.static import Static
+
+    def boom(self, losses, index):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Static, "loss_weights", boom)
+    methods = ["equal", "uncertainty", "mgda", "static"]
+    out = tmp_path / "cmp"
+    rows = compare.main(
+        ["--quick", "--steps", "12", "--diagnostics-every", "5", "--out", str(out),
+         "--strategies", *methods, "--wandb-group", "test"]
+    )  # fmt: skip
+
+    # The table: every method, numbers that parse, the failure reported with its error.
+    with (out / "results.csv").open() as handle:
+        table = {row["method"]: row for row in csv.DictReader(handle)}
+    assert set(table) == {compare.SINGLE, *methods}
+    assert [r["method"] for r in rows] == [compare.SINGLE, *methods]
+    for method in (compare.SINGLE, "equal", "uncertainty", "mgda"):
+        row = table[method]
+        assert row["status"] == "ok"
+        for key in ("left_acc_mean", "right_acc_mean", "delta_m_mean", "step_ms"):
+            assert math.isfinite(float(row[key])), (method, key)
+        assert 0 <= float(row["left_acc_mean"]) <= 1
+    assert table["mgda"]["grads"] == "features" and table["equal"]["grads"] == "–"
+    assert table["static"]["status"] == "failed 1/1"
+    assert "RuntimeError: boom" in table["static"]["error"]
+    markdown = (out / "results.md").read_text()
+    assert all(f"| {m} |" in markdown for m in methods) and "failed 1/1: RuntimeError" in markdown
+    for figure in ("accuracy.png", "weights.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # What W&B recorded: one run per (method, seed), one history row per step.
+    runs = _offline_runs(out)
+    expected = {"single-task:left-s0", "single-task:right-s0", "comparison"}
+    assert set(runs) == expected | {f"{m}-s0" for m in methods}
+    assert all(r["group"] == "test" for r in runs.values())
+    equal = runs["equal-s0"]
+    assert equal["config"]["strategies"] == methods and equal["config"]["steps"] == 12
+    history = equal["history"]
+    assert [row["_step"] for row in history] == list(range(12))
+    for row in history:
+        for key in ("train/loss/left", "train/loss/right", "weights/left", "weights/right"):
+            assert math.isfinite(row[key]), key
+    assert [row["_step"] for row in history if "grad/cos/left-right" in row] == [0, 5, 10]
+    assert -1 <= history[5]["grad/cos/left-right"] <= 1
+    assert 0 <= history[-1]["val/acc/left"] <= 1 and "val/acc/right" in history[-1]
+    assert equal["summary"]["status"] == "ok"
+    assert equal["summary"]["final/acc/left"] == pytest.approx(
+        float(table["equal"]["left_acc_mean"])
+    )
+    uncertainty = runs["uncertainty-s0"]["history"][-1]
+    assert "strategy/log_var/left" in uncertainty or any(
+        k.startswith("strategy/") for k in uncertainty
+    )
+    assert runs["static-s0"]["summary"]["status"] == "failed"
+    summary = runs["comparison"]["summary"]
+    assert summary["figures/accuracy/_type"] == "image-file"
+    image = runs["comparison"]["folder"] / "files" / summary["figures/accuracy/path"]
+    assert image.exists()
+    assert summary["equal/delta_m_mean"] == pytest.approx(float(table["equal"]["delta_m_mean"]))
+
+
+@pytest.mark.slow
+def test_compare_quick_covers_every_registered_strategy(tmp_path: Path) -> None:
+    rows = compare.main(["--quick", "--out", str(tmp_path), "--wandb-mode", "disabled"])
+    assert [r["method"] for r in rows] == [compare.SINGLE, *tb.list_strategies()]
+    failed = {r["method"]: r["error"] for r in rows if r["status"] != "ok"}
+    assert not failed
