@@ -78,6 +78,7 @@ __all__ = [
     "is_distributed",
     "reduce_losses",
     "reduce_rows",
+    "resolve_group",
     "world_size",
 ]
 
@@ -90,6 +91,11 @@ def is_distributed(group: Any = None) -> bool:
     if group == LOCAL or not (dist.is_available() and dist.is_initialized()):
         return False
     return dist.get_world_size(group) > 1
+
+
+def resolve_group(group: Any = None) -> Any:
+    """``group`` itself, or the default (WORLD) group for ``None``."""
+    return dist.group.WORLD if group is None else group
 
 
 def world_size(group: Any = None) -> int:

@@ -368,7 +368,7 @@ class Strategy(nn.Module):
         """The group to reduce over: only in a training step, so evaluation never communicates."""
         training_step = self.training and values.requires_grad and torch.is_grad_enabled()
         if training_step and distributed.is_distributed(self.process_group):
-            return self.process_group
+            return distributed.resolve_group(self.process_group)
         return None
 
     def _raise_distributed(

@@ -1,0 +1,267 @@
+"""DistributedDataParallel: two gloo ranks on CPU against one process with the whole batch.
+
+One ``torch.multiprocessing.spawn`` runs every registered strategy on both backward paths inside
+each of two workers (the model in DDP, the same strategy built on each rank, each rank a half of
+the global batch) and saves what it saw; the test process runs the same training on the whole
+batch without torch.distributed. The tests then check, per strategy and path:
+
+* the two ranks report the same weights and end every step with the same parameters and the
+  same strategy state (bit for bit);
+* for deterministic strategies, 2 ranks × batch b equal 1 process × batch 2b (allclose: the
+  summation order differs);
+
+and, once, that a NaN loss on one rank or a task missing on one rank raises on both ranks
+instead of leaving one waiting in a collective, and that an overflow injected on one rank under
+``GradScaler`` is skipped by both ranks with the strategy state untouched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+import taskbalance as tb
+from taskbalance import distributed
+
+TASKS = ("a", "b", "c")
+PATHS = ("shared_params", "features")
+STEPS = 3
+LOCAL_BATCH = 6
+
+
+class Net(nn.Module):
+    """A tanh trunk and one linear head per task; returns the features and the task outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Linear(5, 1) for t in TASKS})
+
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        features = self.trunk(x)
+        return features, {t: head(features).squeeze(1) for t, head in self.heads.items()}
+
+
+SCALES = {"a": 1.0, "b": 3.0, "c": 0.5}
+
+
+def global_batch(step: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(2 * LOCAL_BATCH, 4, generator=generator)
+    y = torch.randn(2 * LOCAL_BATCH, len(TASKS), generator=generator)
+    return x, y
+
+
+def local_batch(step: int, rank: int) -> tuple[Tensor, Tensor]:
+    x, y = global_batch(step)
+    part = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return x[part], y[part]
+
+
+def task_losses(outputs: dict[str, Tensor], y: Tensor) -> dict[str, Tensor]:
+    return {
+        t: SCALES[t] * (1.0 + (outputs[t] - y[:, i]).pow(2).mean()) for i, t in enumerate(TASKS)
+    }
+
+
+def train(name: str, path: str, model: nn.Module, inner: Net, rank: int | None) -> dict[str, Any]:
+    """STEPS steps of SGD; ``rank`` None trains on the whole batch in one process."""
+    strategy = tb.create_strategy(name, TASKS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights = []
+    for step in range(STEPS):
+        x, y = global_batch(step) if rank is None else local_batch(step, rank)
+        optimizer.zero_grad()
+        features, outputs = model(x)
+        losses = task_losses(outputs, y)
+        if path == "features":
+            report = strategy.backward(losses, features=features)
+        else:
+            report = strategy.backward(losses, shared_params=inner.trunk.parameters())
+        optimizer.step()
+        weights.append(report.weight_values.detach().clone())
+    return {
+        "weights": torch.stack(weights),
+        "losses": report.loss_values.detach().clone(),
+        "params": [p.detach().clone() for p in inner.parameters()],
+        "state": {k: v.clone() for k, v in strategy.state_dict().items() if isinstance(v, Tensor)},
+    }
+
+
+def _faults(rank: int) -> dict[str, str]:
+    """Faults on one rank only; every rank must raise the same error (or skip the same step)."""
+    out: dict[str, str] = {}
+    inner = Net()
+    model = nn.parallel.DistributedDataParallel(inner)
+    strategy = tb.create_strategy("uncertainty", TASKS)
+    x, y = local_batch(0, rank)
+    _, outputs = model(x)
+    losses = task_losses(outputs, y)
+    if rank == 1:
+        losses["b"] = losses["b"] * float("nan")
+    try:
+        strategy.backward(losses)
+        out["nan"] = "no error"
+    except tb.NonFiniteLossError as error:
+        out["nan"] = str(error)
+    clean = task_losses(outputs, y)
+    partial = clean if rank == 0 else {t: clean[t] for t in ("a", "c")}
+    try:
+        strategy.backward(partial)
+        out["split"] = "no error"
+    except tb.StrategyError as error:
+        out["split"] = str(error)
+    return out
+
+
+def _overflow(rank: int) -> dict[str, Any]:
+    """An overflow on rank 1 only, under GradScaler: both ranks skip, state and model unchanged."""
+    inner = Net()
+    model = nn.parallel.DistributedDataParallel(inner)
+    strategy = tb.create_strategy("uncertainty", TASKS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x, y = local_batch(0, rank)
+    _, outputs = model(x)
+    losses = task_losses(outputs, y)
+    if rank == 1:
+        losses["a"] = losses["a"] * 1e36  # finite loss, its scaled gradient overflows
+    before_state = {k: v.clone() for k, v in strategy.state_dict().items() if k != "_extra_state"}
+    before_params = [p.detach().clone() for p in inner.parameters()]
+    optimizer.zero_grad()
+    strategy.backward(losses, scaler=scaler)
+    scaler.step(optimizer)
+    scaler.update()
+    state_same = all(torch.equal(v, strategy.state_dict()[k]) for k, v in before_state.items())
+    params_same = all(torch.equal(a, b) for a, b in zip(before_params, inner.parameters()))
+    return {"state_same": state_same, "params_same": params_same, "scale": scaler.get_scale()}
+
+
+def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
+    torch.set_num_threads(1)
+    # A timeout turns a rank left waiting in a collective into an error instead of a hang.
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    results: dict[str, Any] = {}
+    try:
+        for name in names:
+            for path in PATHS:
+                try:
+                    inner = Net()
+                    model = nn.parallel.DistributedDataParallel(inner)
+                    results[f"{name}/{path}"] = train(name, path, model, inner, rank)
+                except Exception:  # recorded, so that one failing strategy fails its own test
+                    results[f"{name}/{path}"] = {"error": traceback.format_exc()}
+                    dist.barrier()
+        results["faults"] = _faults(rank)
+        results["overflow"] = _overflow(rank)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def run_ranks(names: list[str], world: int = 2) -> list[dict[str, Any]]:
+    """Spawn ``world`` gloo ranks running every strategy in ``names``; their results."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "init")
+        mp.spawn(worker, args=(world, init_file, out_dir, names), nprocs=world, join=True)
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def run_single(names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        for path in PATHS:
+            inner = Net()
+            out[f"{name}/{path}"] = train(name, path, inner, inner, None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs() -> Iterator[tuple[list[dict[str, Any]], dict[str, Any]]]:
+    names = tb.list_strategies()
+    yield run_ranks(names), run_single(names)
+
+
+def _result(ranks: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    for rank, result in enumerate(ranks):
+        assert "error" not in result[key], f"rank {rank}: {result[key]['error']}"
+    return [r[key] for r in ranks]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", tb.list_strategies())
+def test_ranks_agree(runs: tuple[list[dict[str, Any]], dict[str, Any]], name: str, path: str):
+    first, second = _result(runs[0], f"{name}/{path}")
+    assert torch.equal(first["weights"], second["weights"]), "ranks computed different weights"
+    assert torch.equal(first["losses"], second["losses"]), "ranks report different losses"
+    for a, b in zip(first["params"], second["params"]):
+        assert torch.equal(a, b), "ranks ended with different parameters"
+    assert first["state"].keys() == second["state"].keys()
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), f"ranks differ in state {key!r}"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", tb.list_strategies())
+def test_two_ranks_equal_one_process_with_twice_the_batch(
+    runs: tuple[list[dict[str, Any]], dict[str, Any]], name: str, path: str
+) -> None:
+    info = tb.registry.strategy_info(name)
+    if not info.deterministic:
+        pytest.skip("random draws: ranks agree (tested above) but the draws follow the ranks")
+    ranked, _ = _result(runs[0], f"{name}/{path}")
+    single = runs[1][f"{name}/{path}"]
+    # The reported losses are the global means: the full-batch losses.
+    torch.testing.assert_close(ranked["losses"], single["losses"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranked["weights"], single["weights"], rtol=1e-4, atol=1e-6)
+    for a, b in zip(ranked["params"], single["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for key, value in single["state"].items():
+        torch.testing.assert_close(
+            ranked["state"][key], value, rtol=1e-4, atol=1e-6, msg=f"state {key!r}"
+        )
+
+
+def test_fault_on_one_rank_raises_on_every_rank(
+    runs: tuple[list[dict[str, Any]], dict[str, Any]],
+) -> None:
+    faults = [r["faults"] for r in runs[0]]
+    assert faults[0]["nan"] == "loss of task 'b' is not finite on another rank"
+    assert faults[1]["nan"].startswith("loss of task 'b' is not finite")
+    for rank in faults:
+        assert "task 'b' is in the losses of 1 of 2 ranks" in rank["split"]
+
+
+def test_overflow_on_one_rank_is_skipped_by_every_rank(
+    runs: tuple[list[dict[str, Any]], dict[str, Any]],
+) -> None:
+    for rank, result in enumerate(r["overflow"] for r in runs[0]):
+        assert result["state_same"], f"rank {rank}: the strategy state changed on an overflow"
+        assert result["params_same"], f"rank {rank}: the optimizer stepped on an overflow"
+        assert result["scale"] == 2.0**15, "GradScaler did not back off"
+
+
+def test_no_communication_without_torch_distributed() -> None:
+    assert not distributed.is_distributed()
+    assert distributed.world_size() == 1
+    value = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_mean(value) is value
+    assert not distributed.is_distributed(distributed.LOCAL)
