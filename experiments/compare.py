@@ -87,7 +87,7 @@ class CompareConfig(RunConfig):
     quick: bool = field(
         default=False, metadata={"help": f"smoke run: {QUICK_STEPS} steps, first seed only"}
     )
-    epochs: int = field(default=10, metadata={"help": "training epochs per run"})
+    epochs: int = field(default=8, metadata={"help": "training epochs per run"})
     steps: int | None = field(default=None, metadata={"help": "training steps (overrides epochs)"})
     batch_size: int = 64
     lr: float = field(default=2e-3, metadata={"help": "Adam learning rate of the model"})
@@ -183,7 +183,7 @@ def train_run(
     seed_everything(seed)
     device = torch.device(config.device)
     model = MultiDigitsNet(tasks).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
     strategy = None if single else tb.create_strategy(method, tasks).to(device)
     needs_grads = strategy is not None and strategy_info(method).needs_grads
     end_epoch = getattr(strategy, "end_epoch", None)

@@ -158,7 +158,7 @@ def parse_config(
     ``--field value`` overrides (in that order of precedence, last wins).
 
     Field names take ``-`` or ``_`` (``--wandb-mode`` = ``--wandb_mode``). Booleans accept
-    ``--flag`` alone (true) or ``--flag false``; lists take several values or commas
+    ``--flag`` alone (true), ``--flag false`` or ``--no-flag``; lists take several values or commas
     (``--seeds 0 1 2`` = ``--seeds 0,1,2``); ``X | None`` fields take ``none``. An unknown option or
     config key, a badly typed value, or a ``ValueError`` from the dataclass's ``__post_init__``
     ends the program with argparse's usage message (``SystemExit(2)``).
@@ -191,8 +191,11 @@ def parse_config(
         if is_list:  # split at commas first, convert afterwards
             kwargs.update(nargs="+", type=str)
         elif hints[name] is bool:
-            kwargs.update(nargs="?", const=True)
+            kwargs.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument(*flags, **kwargs)
+        if hints[name] is bool:
+            negative = f"--no-{name.replace('_', '-')}"
+            parser.add_argument(negative, dest=name, action="store_false", help=f"{flags[0]} false")
     arguments = vars(parser.parse_args(argv))
 
     values: dict[str, Any] = {}
@@ -254,7 +257,7 @@ def start_tracking(
     return start_run(
         config_dict(config),
         mode=resolved_mode,
-        project=project or getattr(config, "wandb_project", "taskbalance"),
+        project=project or getattr(config, "wandb_project", None) or "taskbalance",
         group=group if group is not None else getattr(config, "wandb_group", None),
         name=name,
         dir=dir if dir is not None else getattr(config, "out", "results"),
@@ -532,7 +535,7 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for raw in _wandb_records(files[0]):
-        record = pb.Record()
+        record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf class
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "run":

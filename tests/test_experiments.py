@@ -91,6 +91,7 @@ def test_parse_config_defaults_and_typed_overrides() -> None:
     [
         (["--quick", "false"], {"quick": False}),
         (["--quick", "yes"], {"quick": True}),
+        (["--quick", "--no-quick"], {"quick": False}),
         (["--seeds", "0,1,2,5"], {"seeds": [0, 1, 2, 5]}),
         (["--limit", "none"], {"limit": None}),
     ],

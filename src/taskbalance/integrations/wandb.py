@@ -184,6 +184,8 @@ def start_run(
             job_type=job_type,
             tags=list(tags) or None,
             settings=settings,
+            # A run left open (a crashed loop, a notebook) must not swallow this one's logs.
+            reinit="create_new",
         )
     except Exception as error:
         _warn(f"W&B could not start ({type(error).__name__}: {error}); continuing without logging")
