@@ -447,7 +447,7 @@ def test_sequential_rolls_back_earlier_updates_when_a_later_loss_is_nan() -> Non
     assert same_tree(roundtrip(opt.state_dict()), state)
 
 
-@pytest.mark.parametrize("mode", ["simultaneous", "sequential"])
+@pytest.mark.parametrize("mode", ["simultaneous", "sequential", "shared-trunk"])
 def test_grad_scaler_unscales_and_skips_every_optimizer_on_overflow(mode: str) -> None:
     def run(
         scaler: torch.amp.GradScaler | None, factor: float = 1.0
@@ -455,14 +455,24 @@ def test_grad_scaler_unscales_and_skips_every_optimizer_on_overflow(mode: str) -
         model = Net()
         x, y, t = batch()
         t = t * factor
-        opt = tb.TaskOptimizers(
-            {
-                "cls": torch.optim.Adam(model.parameters(), lr=1e-2),
-                "reg": torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9),
-            },
-            mode=mode,  # type: ignore[arg-type]
-        )
-        if mode == "simultaneous":
+        if mode == "shared-trunk":
+            opt = tb.TaskOptimizers(
+                {
+                    "cls": torch.optim.Adam(model.cls.parameters(), lr=1e-2),
+                    "reg": torch.optim.SGD(model.reg.parameters(), lr=1e-2, momentum=0.9),
+                },
+                shared=torch.optim.Adam(model.trunk.parameters(), lr=1e-2),
+                strategy=tb.create_strategy("static", ["cls", "reg"], weights=[0.5, 2.0]),
+            )
+        else:
+            opt = tb.TaskOptimizers(
+                {
+                    "cls": torch.optim.Adam(model.parameters(), lr=1e-2),
+                    "reg": torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9),
+                },
+                mode=mode,  # type: ignore[arg-type]
+            )
+        if mode != "sequential":
             opt.backward(model.losses(x, y, t), scaler=scaler)
             report = opt.step()
         else:
@@ -483,6 +493,7 @@ def test_grad_scaler_unscales_and_skips_every_optimizer_on_overflow(mode: str) -
     assert report.extras["skipped"].tolist() == [1.0, 1.0]
     assert same_tree(snapshot(model), snapshot(Net()))
     assert not opt["cls"].state and not opt["reg"].state
+    assert opt.shared is None or not opt.shared.state
     assert scaler.get_scale() == 2.0**119  # backed off, as after GradScaler.step's skip
 
 
@@ -541,6 +552,8 @@ def test_constructor_checks() -> None:
     legacy = torch_optimizer.Lookahead(torch.optim.Adam(model.reg.parameters()))
     with pytest.raises(tb.StrategyError, match=r"task 'reg' \(Lookahead\) never called"):
         tb.TaskOptimizers({"reg": legacy})
+    with pytest.raises(tb.StrategyError, match="optimizer of task 'cls' is LBFGS"):
+        tb.TaskOptimizers({"cls": torch.optim.LBFGS(model.cls.parameters())})
     opt = tb.TaskOptimizers({"cls": sgd})
     with pytest.raises(tb.StrategyError, match=r"missing \['cls'\], unknown \['reg'\]"):
         opt.load_state_dict({"mode": "simultaneous", "optimizers": {"reg": sgd.state_dict()}})

@@ -464,12 +464,12 @@ class TaskOptimizers(Mapping[str, Optimizer]):
                 "mode='sequential' takes its losses from step(closure), not backward(losses)"
             )
         names, values = self._gather(losses, need_graph=True)
-        scaling = scaler is not None and scaler.is_enabled()
+        active = _enabled(scaler)
         run_strategy = self.strategy is not None
         fresh: dict[str, list[Tensor | None]] = {}
         for position, task in enumerate(names):
             params = _flat_params(self._optimizers[task])
-            loss = scaler.scale(losses[task]) if scaling else losses[task]
+            loss = losses[task] if active is None else active.scale(losses[task])
             keep = retain_graph or run_strategy or position < len(names) - 1
             grads = torch.autograd.grad(loss, params, retain_graph=keep, allow_unused=True)
             if all(g is None for g in grads):
@@ -616,7 +616,7 @@ class TaskOptimizers(Mapping[str, Optimizer]):
         # A later task's loss may be NaN after earlier tasks stepped: keep what to roll back to.
         saved_params = [p.detach().clone() for p in params]
         saved_states = [_clone_tree(o.state_dict()) for o in optimizers]
-        scaling = scaler is not None and scaler.is_enabled()
+        active = _enabled(scaler)
         names: list[str] = []
         values: list[Tensor] = []
         skipped = False
@@ -631,7 +631,7 @@ class TaskOptimizers(Mapping[str, Optimizer]):
                 optimizer = self._optimizers[task]
                 task_params = _flat_params(optimizer)
                 grads = torch.autograd.grad(
-                    scaler.scale(loss) if scaling else loss, task_params, allow_unused=True
+                    loss if active is None else active.scale(loss), task_params, allow_unused=True
                 )
                 if all(g is None for g in grads):
                     raise StrategyError(
@@ -642,7 +642,7 @@ class TaskOptimizers(Mapping[str, Optimizer]):
                 names.append(task)
                 values.append(current[present.index(task)].detach())
                 try:
-                    if scaling and _any_found(_unscale(scaler, optimizer)):
+                    if active is not None and _any_found(_unscale(active, optimizer)):
                         skipped = True  # GradScaler's skip, for the whole chain
                         break
                     optimizer.step()
@@ -657,7 +657,7 @@ class TaskOptimizers(Mapping[str, Optimizer]):
         elif not names:
             raise StrategyError("closure returned no loss for any task")
         loss_values = torch.stack(values) if values else torch.zeros(0)
-        extras = {"skipped": torch.full_like(loss_values, float(skipped))} if scaling else {}
+        extras = {} if active is None else {"skipped": torch.full_like(loss_values, float(skipped))}
         return StepReport(tuple(names), loss_values, torch.ones_like(loss_values), extras)
 
     @staticmethod
@@ -761,11 +761,11 @@ class TaskOptimizers(Mapping[str, Optimizer]):
 def _unaliased(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
     """autograd.grad may hand the same tensor to several inputs (the backward of ``a + b``);
     optimizers and ``scaler.unscale_`` write ``.grad`` in place, so each gets its own."""
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()  # (data_ptr, offset, shape)
     out: list[Tensor | None] = []
     for grad in grads:
         if grad is not None:
-            key = (grad.data_ptr(), grad.storage_offset(), tuple(grad.shape))
+            key = (grad.data_ptr(), int(grad.storage_offset()), tuple(grad.shape))
             if key in seen:
                 grad = grad.clone()
             else:
@@ -777,12 +777,21 @@ def _unaliased(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
 def _check_optimizer(optimizer: Any, what: str) -> None:
     if not isinstance(optimizer, Optimizer):
         raise StrategyError(f"{what} must be a torch.optim.Optimizer, got {type(optimizer)}")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise StrategyError(
+            f"{what} is LBFGS, which re-evaluates a closure inside step(); TaskOptimizers steps "
+            "each optimizer on the gradients of its own task"
+        )
     if "_optimizer_state_dict_pre_hooks" not in optimizer.__dict__:
         raise StrategyError(
             f"{what} ({type(optimizer).__name__}) never called torch.optim.Optimizer.__init__, so "
             "its state_dict() cannot be saved on current torch; for Lookahead use "
             "tb.make_optimizer('lookahead', params, base='adam', k=5, alpha=0.5, lr=...)"
         )
+
+
+def _enabled(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    return scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def _unscale(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> list[Tensor]:
