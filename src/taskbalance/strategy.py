@@ -427,6 +427,8 @@ class Strategy(nn.Module):
             raise
         finally:
             _STEP.reset(token)
+        if not step.overflow and step.watched and _has_nonfinite_grad(step.watched.values()):
+            step.overflow = True  # GradScaler.step will see these gradients and skip
         if step.overflow:
             _restore(saved)
             outer = _STEP.get()
@@ -475,7 +477,15 @@ class Strategy(nn.Module):
 
 @dataclass
 class _StepState:
+    """What a transaction learns about a mixed-precision step."""
+
     overflow: bool = False
+    # Leaves whose gradients a scaled backward wrote: checked once, when the transaction ends.
+    watched: dict[int, Tensor] = field(default_factory=dict)
+
+    def watch(self, root: Tensor) -> None:
+        for leaf in _graph_leaves(root):
+            self.watched.setdefault(id(leaf), leaf)
 
 
 _STEP: contextvars.ContextVar[_StepState | None] = contextvars.ContextVar(
@@ -522,7 +532,7 @@ def _graph_leaves(root: Tensor) -> list[Tensor]:
     return leaves
 
 
-def _has_nonfinite_grad(tensors: Sequence[Tensor]) -> bool:
+def _has_nonfinite_grad(tensors: Iterable[Tensor]) -> bool:
     grads: dict[torch.device, list[Tensor]] = {}
     for tensor in tensors:
         if tensor.grad is not None:
@@ -537,19 +547,20 @@ def _has_nonfinite_grad(tensors: Sequence[Tensor]) -> bool:
 
 
 def scaled_backward(total: Tensor, scaler: torch.amp.GradScaler | None) -> None:
-    """``scaler.scale(total).backward()`` that marks an overflow for :meth:`Strategy.transaction`.
+    """``scaler.scale(total).backward()`` that lets :meth:`Strategy.transaction` see an overflow.
 
-    With an enabled scaler, the gradients of every leaf of ``total``'s graph are checked after
-    the backward; a non-finite one means ``GradScaler.step`` will skip the optimizer step, so the
-    strategy's transaction restores its state as well. Without a scaler it is ``total.backward()``.
+    With an enabled scaler, the gradients of every leaf of ``total``'s graph are checked when the
+    enclosing transaction ends; a non-finite one means ``GradScaler.step`` will skip the optimizer
+    step, so the transaction restores the strategy's state as well. Without a scaler it is
+    ``total.backward()``.
     """
     if scaler is None or not scaler.is_enabled():
         total.backward()
         return
-    leaves = _graph_leaves(total)
+    step = _STEP.get()
+    if step is not None:
+        step.watch(total)  # before the backward, while the graph is whole
     scaler.scale(total).backward()
-    if _has_nonfinite_grad(leaves):
-        _mark_overflow()
 
 
 def _scale_factor(scaler: torch.amp.GradScaler | None) -> Tensor | None:
@@ -560,6 +571,9 @@ def _scale_factor(scaler: torch.amp.GradScaler | None) -> Tensor | None:
         scaler.scale(torch.zeros((), device="cpu"))
         scale = scaler._scale
     return scale
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def per_task_jacobian(
@@ -575,7 +589,8 @@ def per_task_jacobian(
     :mod:`taskbalance.distributed`): ``features`` says whether ``inputs`` are per-sample features
     (default: yes unless every input is a leaf tensor, as parameters are). With an enabled
     ``scaler``, non-finite rows mark the step as an overflow: the enclosing
-    :meth:`Strategy.transaction` then leaves the strategy's state as it was.
+    :meth:`Strategy.transaction` then leaves the strategy's state as it was. Rows of a half
+    precision type (bf16/fp16 autocast) are returned as float32.
     """
     return _per_task_rows(batch, inputs, scaler, features)[0]
 
@@ -591,8 +606,16 @@ def _per_task_rows(
     if scale is None:
         rows = jacobian(batch.values, inputs)
     else:
+        step = _STEP.get()
+        if step is not None:
+            # A strategy with its own backward may call plain ``scaler.scale(total).backward()``:
+            # the gradients it writes are checked when the transaction ends.
+            step.watch(batch.values)
         scale = scale.to(batch.values.device)
-        rows = jacobian(batch.values * scale, inputs) / scale
+        rows = jacobian(batch.values * scale, inputs)
+        rows = rows.float() / scale if rows.dtype in _HALF else rows / scale
+    if rows.dtype in _HALF:
+        rows = rows.float()  # weights from a float32 Gramian; bf16/fp16 products lose too much
     span = (0, rows.shape[1])
     if batch.group is not None:
         if features is None:
@@ -818,7 +841,9 @@ def _backward_replacing(
         direction = direction * scale.to(direction.device)
     pieces = direction.split([t.numel() for t in inputs])
     handles = [
-        tensor.register_hook(lambda _grad, piece=piece, tensor=tensor: piece.view_as(tensor))
+        tensor.register_hook(
+            lambda _grad, piece=piece, tensor=tensor: piece.view_as(tensor).to(tensor.dtype)
+        )
         for tensor, piece in zip(inputs, pieces)
     ]
     try:
