@@ -126,6 +126,25 @@ def test_simultaneous_updates_are_taken_at_the_same_point_with_weight_decay() ->
     assert results[1] == pytest.approx(expected, abs=1e-14)
 
 
+def test_simultaneous_result_does_not_depend_on_the_order_of_the_tasks() -> None:
+    def run(order: tuple[str, ...]) -> dict[str, Tensor]:
+        model = Net()
+        make = {
+            "cls": lambda: torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5),
+            "reg": lambda: tb.make_optimizer("lamb", model.parameters(), lr=1e-2, weight_decay=0.1),
+        }
+        opt = tb.TaskOptimizers({t: make[t]() for t in order})
+        for seed in range(3):
+            opt.zero_grad()
+            opt.backward(model.losses(*batch(seed)))
+            opt.step()
+        return snapshot(model)
+
+    forward, backward = run(("cls", "reg")), run(("reg", "cls"))
+    for key in forward:
+        torch.testing.assert_close(forward[key], backward[key], rtol=0, atol=1e-6)
+
+
 def test_sequential_is_the_recomputed_chain() -> None:
     a0, b0, lr_cls, lr_reg = 0.5, 1.5, 0.1, 0.01
     a = nn.Parameter(torch.tensor(a0, dtype=torch.float64))

@@ -699,6 +699,11 @@ class TaskOptimizers(Mapping[str, Optimizer]):
                 raise StrategyError(
                     f"loss of task {name!r} must be floating point, got {loss.dtype}"
                 )
+            if loss.device != losses[names[0]].device:
+                raise StrategyError(
+                    f"loss of task {name!r} is on {loss.device}, task {names[0]!r} on "
+                    f"{losses[names[0]].device}"
+                )
             if need_graph and not loss.requires_grad:
                 raise StrategyError(
                     f"loss of task {name!r} does not require grad (computed under "
