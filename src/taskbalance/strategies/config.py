@@ -1,4 +1,4 @@
-"""ConFIG (Liu, Chu, Thuerey et al., ICLR 2025): the conflict-free direction of equal projections."""
+"""ConFIG (Liu, Chu & Thuerey, ICLR 2025): the conflict-free direction of equal projections."""
 
 from __future__ import annotations
 
