@@ -602,6 +602,15 @@ def _per_task_rows(
     features: bool | None,
 ) -> tuple[Tensor, tuple[int, int]]:
     """The rows of :func:`per_task_jacobian` and the span of this rank's own columns."""
+    device = batch.values.device
+    for position, tensor in enumerate(inputs):
+        if tensor.device != device:
+            argument = (
+                "inputs" if features is None else ("features" if features else "shared_params")
+            )
+            raise StrategyError(
+                f"{argument}[{position}] is on {tensor.device}, the losses on {device}"
+            )
     scale = _scale_factor(scaler)
     if scale is None:
         rows = jacobian(batch.values, inputs)
@@ -779,12 +788,20 @@ class GradientAggregation(Strategy):
             raise StrategyError(
                 f"jacobian has {jacobian.shape[0]} rows for tasks {list(self.tasks)}"
             )
-        if not torch.isfinite(jacobian).all():
-            raise StrategyError("jacobian holds NaN or infinite entries")
-        index, _ = self._index_and_mask(self.tasks, jacobian.device)
+        if not jacobian.is_floating_point():
+            raise StrategyError(f"jacobian must be floating point, got {jacobian.dtype}")
         if losses is None:
             losses = torch.ones(len(self.tasks), dtype=jacobian.dtype, device=jacobian.device)
-        with self.transaction():
+        elif not isinstance(losses, Tensor) or losses.shape != (len(self.tasks),):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise StrategyError(f"losses must be a tensor [{len(self.tasks)}], got {shape}")
+        elif losses.device != jacobian.device:
+            raise StrategyError(f"losses are on {losses.device}, the jacobian on {jacobian.device}")
+        if not torch.isfinite(jacobian).all():
+            raise StrategyError("jacobian holds NaN or infinite entries")
+        _check_gramian_range(jacobian, self.tasks)
+        index, _ = self._index_and_mask(self.tasks, jacobian.device)
+        with self.transaction(), _solver_errors(self):
             return self._aggregate_rows(jacobian, losses, index)
 
     def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
@@ -818,11 +835,15 @@ class GradientAggregation(Strategy):
                 weights = torch.full_like(detached, math.nan)
                 scaled_backward((weights * batch.values).sum(), scaler)
             elif self.combines_gradients():
-                weights = self.gramian_weights(gramian(rows), detached, batch.index)
+                _check_rows(batch, inputs, rows, features is not None)
+                with _solver_errors(self):
+                    weights = self.gramian_weights(gramian(rows), detached, batch.index)
                 weights = weights.detach().to(batch.values.dtype)
                 scaled_backward((weights * batch.values).sum(), scaler)
             else:
-                direction = self._aggregate_rows(rows, detached, batch.index)
+                _check_rows(batch, inputs, rows, features is not None)
+                with _solver_errors(self):
+                    direction = self._aggregate_rows(rows, detached, batch.index)
                 if stop - start != direction.shape[0]:
                     # features under DDP: this rank's block; DDP's average divides by the ranks
                     ranks = distributed.world_size(batch.group)
@@ -830,6 +851,51 @@ class GradientAggregation(Strategy):
                 _backward_replacing(batch.values.sum(), inputs, direction, scaler)
                 weights = torch.ones_like(detached)
         return StepReport(batch.names, detached, weights)
+
+
+@contextlib.contextmanager
+def _solver_errors(strategy: Strategy) -> Iterator[None]:
+    """A linear-algebra failure on a degenerate Jacobian becomes a StrategyError naming it."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as error:
+        raise StrategyError(
+            f"{type(strategy).__name__} could not compute its weights from this Jacobian "
+            f"(degenerate or ill-conditioned Gramian): {error}"
+        ) from error
+
+
+def _check_gramian_range(rows: Tensor, names: Sequence[str]) -> None:
+    """Refuse rows whose Gramian overflows (``‖g_i‖²`` bounds every entry of ``G``)."""
+    squared = rows.square().sum(dim=1)
+    finite = torch.isfinite(squared)
+    if not bool(finite.all()):
+        bad = names[finite.tolist().index(False)]
+        raise StrategyError(
+            f"the gradient of task {bad!r} is too large: its squared norm overflows "
+            f"{rows.dtype} (scale that loss down)"
+        )
+
+
+def _check_rows(batch: TaskLosses, inputs: Sequence[Tensor], rows: Tensor, features: bool) -> None:
+    """One host sync: the Gramian must not overflow, and every task must reach ``inputs``."""
+    squared = rows.square().sum(dim=1)
+    healthy = torch.cat([torch.isfinite(squared), squared > 0])
+    if bool(healthy.all()):
+        return
+    _check_gramian_range(rows, batch.names)
+    argument = "features" if features else "shared_params"
+    for position in (squared == 0).nonzero().reshape(-1).tolist():
+        # A zero row is legitimate (a dead ReLU, an exact optimum) unless the task's loss does
+        # not depend on the inputs at all: then the caller passed the wrong tensors.
+        grads = torch.autograd.grad(
+            batch.values[position], inputs, retain_graph=True, allow_unused=True
+        )
+        if all(g is None for g in grads):
+            raise StrategyError(
+                f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
+                f"{argument}; pass tensors that every present task reaches"
+            )
 
 
 def _backward_replacing(
