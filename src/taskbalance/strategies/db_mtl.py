@@ -1,0 +1,112 @@
+"""DB-MTL (Lin, Jiang, Ye, Zhang, Chen, Chen, Liu & Kwok, 2023): loss-scale and gradient balancing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from taskbalance.registry import register_strategy
+from taskbalance.strategies.moco import TrackedGradients
+from taskbalance.strategy import (
+    StepReport,
+    StrategyError,
+    _backward_replacing,
+    per_task_jacobian,
+)
+
+
+@register_strategy(
+    "db_mtl",
+    paper="Lin, Jiang, Ye, Zhang, Chen, Chen, Liu & Kwok, 'Dual-Balancing for Multi-Task "
+    "Learning', 2023, arXiv:2308.12029",
+    stateful=True,
+)
+class DBMTL(TrackedGradients):
+    """DB-MTL: log-transformed losses, then every task's (averaged) gradient scaled to the largest.
+
+    Baijiong Lin, Weisen Jiang, Feiyang Ye, Yu Zhang, Pengguang Chen, Ying-Cong Chen, Shu Liu &
+    James T. Kwok, "Dual-Balancing for Multi-Task Learning", 2023, arXiv:2308.12029, Algorithm 1:
+
+    * loss-scale balancing: train on ``log(L_i + ε)``, whose gradient is ``h_i = g_i/(L_i + ε)``;
+    * an exponential moving average of those gradients, ``ĝ_i ← β_t ĝ_i + (1 − β_t) h_i``,
+      ``β_t = beta / t^beta_sigma``, ``ĝ`` starting at zero;
+    * gradient-magnitude balancing: ``d = Σ_i α_i ĝ_i`` with
+      ``α_i = max_j ‖ĝ_j‖ / (‖ĝ_i‖ + 1e-8)``.
+
+    Defaults are LibMTL's (the authors' library): ``beta = 0.9``, ``beta_sigma = 0`` (a constant
+    ``β``), ``eps = 1e-8``. ``d`` depends on past gradients, so it is written into the gradient
+    reaching the shared tensors; the heads get the gradient of ``log(L_i + ε)`` (their weights
+    are ``1/(L_i + ε)``), as in LibMTL. The reported weights are the ``α_i``.
+
+    A loss with ``L_i + ε ≤ 0`` has no logarithm: :class:`~taskbalance.StrategyError`
+    naming the task. State: ``tracked`` (``ĝ``, ``[T, P]``, sized at the first step, see
+    :class:`~taskbalance.strategies.moco.TrackedGradients`) and per-task step counts ``steps``;
+    with partial labels only the present tasks' rows change and ``α`` is taken over them.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        beta: float = 0.9,
+        beta_sigma: float = 0.0,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(tasks)
+        if not (isinstance(beta, (int, float)) and 0 <= beta < 1):
+            raise StrategyError(f"beta must be a number in [0, 1), got {beta!r}")
+        if not (isinstance(beta_sigma, (int, float)) and math.isfinite(beta_sigma)):
+            raise StrategyError(f"beta_sigma must be a finite number, got {beta_sigma!r}")
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise StrategyError(f"eps must be a finite number >= 0, got {eps!r}")
+        self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
+
+    def _balanced(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(direction, α) from the Jacobian of the plain losses and the (detached) losses."""
+        shifted = losses.to(jacobian.dtype) + self.eps
+        tracked = self._tracked(jacobian)
+        log_grads = (jacobian / shifted.unsqueeze(1)).to(tracked.dtype)
+        self.steps[index] += 1
+        rates = (self.beta / self.steps[index] ** self.beta_sigma).to(tracked.dtype)
+        averaged = log_grads + rates.unsqueeze(1) * (tracked[index] - log_grads)
+        tracked[index] = averaged
+        norms = averaged.norm(dim=1)
+        alphas = norms.amax() / (norms + 1e-8)
+        return (alphas @ averaged).to(jacobian.dtype), alphas
+
+    def _check_logarithm(self, names: Sequence[str], losses: Tensor) -> None:
+        positive = losses + self.eps > 0
+        if not bool(positive.all()):  # a host sync, needed to name the task
+            bad = names[positive.tolist().index(False)]
+            raise StrategyError(
+                f"db_mtl trains on log(loss + {self.eps}); loss of task {bad!r} is "
+                f"{losses[names.index(bad)].item():.6g}, which has no logarithm"
+            )
+
+    def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+        self._check_logarithm([self.tasks[i] for i in index.tolist()], losses)
+        return self._balanced(jacobian, losses, index)[0]
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared_params: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> StepReport:
+        batch = self.gather(losses)
+        self._require_graph(batch)
+        inputs = self._grad_inputs(shared_params, features)
+        detached = batch.values.detach()
+        self._check_logarithm(batch.names, detached)
+        with self.transaction():
+            rows = per_task_jacobian(batch, inputs, scaler)
+            direction, alphas = self._balanced(rows, detached, batch.index)
+            # Heads: the gradient of Σ log(L_i + ε); shared tensors: the balanced direction.
+            total = (batch.values / (detached + self.eps)).sum()
+            _backward_replacing(total, inputs, direction, scaler)
+        return StepReport(batch.names, detached, alphas.to(detached.dtype))

@@ -1,0 +1,177 @@
+"""MoCo (Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, ICLR 2023)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from taskbalance.registry import register_strategy
+from taskbalance.strategy import GradientAggregation, StepReport, StrategyError
+
+
+def project_to_simplex(vector: Tensor) -> Tensor:
+    """Euclidean projection of ``vector`` ``[k]`` onto ``{x ≥ 0, Σ x = 1}`` (sort-based, no sync).
+
+    >>> import torch
+    >>> project_to_simplex(torch.tensor([0.5, 0.9, -1.0])).tolist()
+    [0.30000001192092896, 0.699999988079071, 0.0]
+    """
+    ordered, _ = vector.sort(descending=True)
+    cumulative = ordered.cumsum(0) - 1
+    ranks = torch.arange(1, vector.numel() + 1, device=vector.device, dtype=vector.dtype)
+    support = ordered - cumulative / ranks > 0  # true on a prefix
+    count = (support.to(ranks.dtype) * ranks).amax().clamp(min=1)
+    theta = cumulative.gather(0, (count - 1).long().reshape(1)) / count
+    return (vector - theta).clamp(min=0)
+
+
+class TrackedGradients(GradientAggregation):
+    """Base for strategies that keep a running per-task gradient ``[T, P]`` in a buffer.
+
+    ``P`` is known only at the first step, so the buffer ``tracked`` starts empty and is sized
+    then; ``load_state_dict`` resizes it to the saved shape. A later step with another ``P``
+    (say ``features=`` with a smaller last batch) raises :class:`~taskbalance.StrategyError`.
+    """
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self.register_buffer("tracked", torch.zeros(0, 0))
+        self.register_buffer("steps", torch.zeros(len(self.tasks)))
+
+    def _tracked(self, jacobian: Tensor) -> Tensor:
+        size = jacobian.shape[1]
+        if self.tracked.numel() == 0:
+            # Zeros are the initial value, so sizing the buffer changes no state.
+            self.tracked = torch.zeros(
+                len(self.tasks), size, dtype=jacobian.dtype, device=jacobian.device
+            )
+        elif self.tracked.shape[1] != size:
+            raise StrategyError(
+                f"{type(self).__name__} keeps a running average of each task's gradient with "
+                f"{self.tracked.shape[1]} entries, but this step's gradients have {size}: use "
+                "shared_params= or batches of a fixed size (drop_last=True) with features="
+            )
+        return self.tracked
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        saved = state_dict.get(prefix + "tracked")
+        if isinstance(saved, Tensor) and saved.shape != self.tracked.shape:
+            self.tracked = torch.zeros(saved.shape, dtype=saved.dtype, device=self.tracked.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+@register_strategy(
+    "moco",
+    paper="Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, 'Mitigating Gradient Bias in "
+    "Multi-objective Learning: A Provably Convergent Approach', ICLR 2023, arXiv:2210.12624",
+    stateful=True,
+)
+class MoCo(TrackedGradients):
+    """MoCo: MGDA on tracked (bias-corrected) gradients, with the weights updated by a step.
+
+    Heshan Fernando, Han Shen, Miao Liu, Subhajit Chaudhury, Keerthiram Murugesan & Tianyi
+    Chen, "Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent Approach",
+    ICLR 2023, arXiv:2210.12624, Algorithm 1. Per step ``t`` with stochastic task gradients
+    ``h_i``:
+
+    * tracking: ``y_i ← y_i − β_t (y_i − h_i)``, ``β_t = beta / t^beta_sigma``;
+    * weights: ``λ ← Π_Δ(λ − γ_t (Y Yᵀ + ρ I) λ)``, ``γ_t = gamma / t^gamma_sigma``, ``Π_Δ``
+      the Euclidean projection onto the simplex, ``λ₀ = 1/T``;
+    * update: ``d = Yᵀ λ``.
+
+    The update is built from past gradients, so it is not a combination of this step's
+    gradients: ``backward`` writes ``d`` into the gradient reaching the shared tensors, and the
+    heads get their own task's plain gradient (as in LibMTL). The reported weights are ``λ``.
+
+    Defaults are LibMTL's (its implementation is based on the authors' code): ``beta = 0.5``,
+    ``beta_sigma = 0.5``, ``gamma = 0.1``, ``gamma_sigma = 0.5``, ``rho = 0``, and
+    ``normalization = "loss"``: ``h_i = g_i / (‖g_i‖ + 1e-8) · L_i`` (the authors' code rescales
+    every gradient to the size of its loss; ``"none"`` uses ``h_i = g_i``, Algorithm 1 as
+    written). Deviation: LibMTL updates ``λ`` with a softmax of the step instead of the
+    projection the paper specifies; the projection is used here. ``y`` starts at zero (LibMTL).
+
+    State: ``tracked`` (``Y``, ``[T, P]``, sized at the first step: ``P`` is the number of shared
+    parameters, or of feature entries with ``features=``), ``lambdas`` ``[T]``, per-task step
+    counts ``steps`` (``β_t``) and the count of ``λ`` updates ``lambda_steps``. With partial
+    labels only the present tasks' rows of ``Y`` are updated, and ``λ`` is updated on the face of
+    the present tasks (their total weight is kept).
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+        normalization: Literal["loss", "none"] = "loss",
+    ) -> None:
+        super().__init__(tasks)
+        for name, value in (("beta", beta), ("gamma", gamma)):
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise StrategyError(f"{name} must be a number in (0, 1], got {value!r}")
+        for name, value in (("beta_sigma", beta_sigma), ("gamma_sigma", gamma_sigma), ("rho", rho)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise StrategyError(f"{name} must be a finite number >= 0, got {value!r}")
+        if normalization not in ("loss", "none"):
+            raise StrategyError(f"normalization must be 'loss' or 'none', got {normalization!r}")
+        self.beta, self.beta_sigma = float(beta), float(beta_sigma)
+        self.gamma, self.gamma_sigma, self.rho = float(gamma), float(gamma_sigma), float(rho)
+        self.normalization = normalization
+        count = len(self.tasks)
+        self.register_buffer("lambdas", torch.full((count,), 1.0 / count))
+        self.register_buffer("lambda_steps", torch.zeros(()))
+
+    def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+        tracked = self._tracked(jacobian)
+        grads = jacobian
+        if self.normalization == "loss":
+            norms = jacobian.norm(dim=1, keepdim=True)
+            grads = jacobian / (norms + 1e-8) * losses.to(jacobian.dtype).unsqueeze(1)
+        self.steps[index] += 1
+        rates = (self.beta / self.steps[index] ** self.beta_sigma).to(tracked.dtype)
+        y = tracked[index]
+        y = y - rates.unsqueeze(1) * (y - grads.to(tracked.dtype))
+        tracked[index] = y
+        self.lambda_steps += 1
+        rate = self.gamma / self.lambda_steps**self.gamma_sigma
+        current = self.lambdas[index].to(y.dtype)
+        mass = current.sum()
+        share = torch.where(mass > 0, current / mass.clamp(min=1e-30), 1.0 / index.numel())
+        eye = torch.eye(index.numel(), dtype=y.dtype, device=y.device)
+        step = (y @ y.mT + self.rho * eye) @ share
+        share = project_to_simplex(share - rate.to(y.dtype) * step)
+        self.lambdas[index] = (share * mass).to(self.lambdas.dtype)
+        return (share @ y).to(jacobian.dtype)
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared_params: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> StepReport:
+        report = super().backward(
+            losses, shared_params=shared_params, features=features, scaler=scaler
+        )
+        index, _ = self._index_and_mask(report.tasks, report.loss_values.device)
+        lambdas = self.lambdas[index]
+        return StepReport(report.tasks, report.loss_values, lambdas / lambdas.sum())
