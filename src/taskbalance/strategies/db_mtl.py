@@ -1,4 +1,4 @@
-"""DB-MTL (Lin, Jiang, Ye, Zhang, Chen, Chen, Liu & Kwok, 2023): loss-scale and gradient balancing."""
+"""DB-MTL (Lin et al., 2023): log losses, and averaged gradients scaled to the largest norm."""
 
 from __future__ import annotations
 
