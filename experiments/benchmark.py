@@ -89,6 +89,8 @@ class BenchConfig:
     repeats: int = 7
     warmup: int = 2
     min_seconds: float = field(default=1.5, metadata={"help": "measure cheap steps longer"})
+    max_seconds: float = field(default=30.0, metadata={"help": "cut the slowest cases short"})
+    clock: str = field(default="auto", metadata={"help": "auto, cpu (thread CPU time) or wall"})
     threads: int = 1
     device: str = "cpu"
     torchjd: bool = True
@@ -108,6 +110,8 @@ class BenchConfig:
         for model in self.models:
             if model not in ("mlp", "cnn"):
                 raise ValueError(f"models must be 'mlp' or 'cnn', got {model!r}")
+        if self.clock not in ("auto", "cpu", "wall"):
+            raise ValueError(f"clock must be 'auto', 'cpu' or 'wall', got {self.clock!r}")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
         if any(t < 1 for t in self.tasks):
@@ -209,26 +213,62 @@ def interleaved(
     repeats: int,
     device: str,
     min_seconds: float = 0.0,
-) -> dict[str, float]:
-    """Median seconds per step of each callable, run in alternating order, after warm-up.
+    max_seconds: float = math.inf,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds per step of each callable, round by round (in alternating order) after warm-up.
 
-    At least ``repeats`` rounds; more (up to ten times as many) until the measured rounds took
-    ``min_seconds``, so that cheap steps get enough samples for a stable median."""
+    ``repeats`` measured rounds; more (up to ten times as many) until the measured rounds took
+    ``min_seconds``, so that cheap steps get enough samples for a stable median; fewer (but at
+    least three) once they took ``max_seconds``, so that the slowest cases fit in the time.
+    ``clock`` is wall time by default; :func:`clock_for` picks the thread's CPU time where that
+    is honest."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     elapsed = 0.0
     round_ = 0
-    while round_ < warmup + repeats or (elapsed < min_seconds and round_ < warmup + 10 * repeats):
+
+    def more() -> bool:
+        measured = round_ - warmup
+        if measured < min(3, repeats):
+            return True
+        if elapsed > max_seconds:
+            return False
+        return measured < repeats or (elapsed < min_seconds and measured < 10 * repeats)
+
+    while more():
         for name in names if round_ % 2 == 0 else reversed(names):
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             steps[name]()
             _sync(device)
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
                 elapsed += times[name][-1]
         round_ += 1
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s time over ``reference``'s time in the same round: pairs
+    measured moments apart, so that a change in the machine's load cancels out."""
+    return statistics.median(a / b for a, b in zip(times[name], times[reference]))
+
+
+def medians_of(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def clock_for(config: BenchConfig) -> tuple[Callable[[], float], str]:
+    """The clock and its description. On CPU with one thread, every operation of a step runs on
+    the calling thread (intra-op parallelism off, autograd's CPU work on the caller), so the
+    thread's CPU time measures the step without the time other processes held the core: the
+    honest choice on a loaded machine. Otherwise (CUDA, several threads) wall time."""
+    if config.clock == "wall" or (
+        config.clock == "auto" and (config.device != "cpu" or config.threads != 1)
+    ):
+        return time.perf_counter, "wall-clock time"
+    return time.thread_time, "CPU time of the calling thread"
 
 
 _LIBC: Any = None
@@ -274,6 +314,22 @@ def peak_memory(step: Callable[[], None], device: str, *, collect: bool = True) 
         return (_status_kb("VmHWM") - before) / 1024
     except OSError:
         return None
+
+
+def host_syncs(step: Callable[[], None], device: str) -> str | None:
+    """On CUDA: "none" if one step runs under ``torch.cuda.set_sync_debug_mode("error")``,
+    otherwise the first synchronising call. None (not checked) on other devices."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    except RuntimeError as error:
+        return str(error).splitlines()[0][:120]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return "none"
 
 
 # ----------------------------------------------------------------------------- steps
@@ -423,13 +479,17 @@ def bench_strategy(
             steps["torchjd"]()
             theirs = _shared_grad(problem)
             agreement = float(nn.functional.cosine_similarity(ours, theirs, dim=0))
-        medians = interleaved(
+        times = interleaved(
             steps,
             warmup=config.warmup,
             repeats=config.repeats,
             device=config.device,
             min_seconds=config.min_seconds,
+            max_seconds=config.max_seconds,
+            clock=clock_for(config)[0],
         )
+        medians = medians_of(times)
+        syncs = {path: host_syncs(steps[path], config.device) for path in paths}
         memory = {
             key: peak_memory(step, config.device, collect=not config.quick)
             for key, step in steps.items()
@@ -444,17 +504,19 @@ def bench_strategy(
             "path": path,
             "baseline_ms": medians["baseline"] * 1e3,
             "step_ms": medians[path] * 1e3,
-            "time_ratio": medians[path] / medians["baseline"],
+            "time_ratio": paired_ratio(times, path, "baseline"),
             "baseline_peak_mb": memory["baseline"],
             "peak_mb": memory[path],
             "memory_ratio": _ratio(memory[path], memory["baseline"]),
+            "rounds": len(times[path]),
+            "host_syncs": syncs[path],
         }
         if aggregator is not None and path.startswith("shared_params"):
-            best = min(medians["torchjd"], medians["torchjd_loop"])
+            best_name = min(("torchjd", "torchjd_loop"), key=medians.__getitem__)
             row.update(
                 torchjd_ms=medians["torchjd"] * 1e3,
                 torchjd_loop_ms=medians["torchjd_loop"] * 1e3,
-                vs_torchjd=medians[path] / best,
+                vs_torchjd=paired_ratio(times, path, best_name),
                 torchjd_peak_mb=memory["torchjd"],
                 memory_vs_torchjd=_ratio(memory[path], memory["torchjd"]),
                 torchjd_cosine=agreement,
@@ -485,18 +547,24 @@ def bench_jacobian(problem: Problem, config: BenchConfig) -> list[dict[str, Any]
     for path in ("shared_params", "features"):
         for method in ("loop", "batched"):
             steps[f"{path}/{method}"] = make(path, method)
-    medians = interleaved(steps, warmup=config.warmup, repeats=config.repeats, device=config.device)
+    times = interleaved(
+        steps,
+        warmup=config.warmup,
+        repeats=config.repeats,
+        device=config.device,
+        clock=clock_for(config)[0],
+    )
     rows = []
     for path in ("shared_params", "features"):
-        loop, batched = medians[f"{path}/loop"], medians[f"{path}/batched"]
+        loop, batched = f"{path}/loop", f"{path}/batched"
         rows.append(
             {
                 "model": problem.name,
                 "T": len(problem.tasks),
                 "path": path,
-                "loop_ratio": loop / medians["baseline"],
-                "batched_ratio": batched / medians["baseline"],
-                "batched_over_loop": batched / loop,
+                "loop_ratio": paired_ratio(times, loop, "baseline"),
+                "batched_ratio": paired_ratio(times, batched, "baseline"),
+                "batched_over_loop": paired_ratio(times, batched, loop),
             }
         )
     return rows
@@ -533,11 +601,12 @@ def bench_toy(config: BenchConfig, names: Sequence[str]) -> list[dict[str, Any]]
         if not strategy_info(name).needs_grads:
             continue
         try:
-            medians = interleaved(
+            times = interleaved(
                 _toy_steps(name),
                 warmup=config.warmup + 3,
                 repeats=config.repeats * 5,
                 device="cpu",
+                clock=clock_for(config)[0],
             )
         except Exception as error:
             rows.append({"strategy": name, "error": f"{type(error).__name__}: {error}"})
@@ -545,9 +614,9 @@ def bench_toy(config: BenchConfig, names: Sequence[str]) -> list[dict[str, Any]]
         rows.append(
             {
                 "strategy": name,
-                "adam_us": medians["adam"] * 1e6,
-                "step_us": medians["strategy"] * 1e6,
-                "time_ratio": medians["strategy"] / medians["adam"],
+                "adam_us": statistics.median(times["adam"]) * 1e6,
+                "step_us": statistics.median(times["strategy"]) * 1e6,
+                "time_ratio": paired_ratio(times, "strategy", "adam"),
             }
         )
     return rows
@@ -565,8 +634,9 @@ def to_markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     parts = [
         f"Device: {meta['device']} ({meta['threads']} thread(s)), torch {meta['torch']}, "
-        f"torchjd {meta['torchjd'] or 'not installed'}; medians of {meta['repeats']} steps after "
-        f"{meta['warmup']} warm-up steps, interleaved with the baseline in one process. "
+        f"torchjd {meta['torchjd'] or 'not installed'}; {meta['clock']}, medians of at least "
+        f"{meta['repeats']} steps after {meta['warmup']} warm-up steps, interleaved with the "
+        "baseline in one process. "
         "Time ×: step time over the plain `sum(losses).backward()` step; memory ×: peak memory "
         f"over the plain step's ({meta['memory_method']}).",
     ]
@@ -640,6 +710,15 @@ def to_markdown(results: dict[str, Any]) -> str:
         ]
         parts.append(
             "### Two-objective toy (CAGrad's), strategy + Adam vs plain Adam\n\n"
+            + markdown_table(table)
+        )
+    checked = [r for r in rows if r.get("host_syncs") is not None]
+    if checked:
+        table = [
+            {k: r[k] for k in ("model", "T", "strategy", "path", "host_syncs")} for r in checked
+        ]
+        parts.append(
+            '### Host syncs per step (`torch.cuda.set_sync_debug_mode("error")`)\n\n'
             + markdown_table(table)
         )
     errors = [r for r in results["rows"] if "error" in r]
@@ -767,6 +846,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "repeats": config.repeats,
             "warmup": config.warmup,
             "memory_method": memory_method,
+            "clock": clock_for(config)[1],
             "strategies": names,
         },
         "config": {"models": config.models, "tasks": config.tasks, "quick": config.quick},

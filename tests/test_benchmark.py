@@ -70,11 +70,11 @@ def test_quick_rows_hold_positive_times_and_ratios(quick: tuple[dict[str, Any], 
     results, _ = quick
     for row in results["rows"]:
         assert row["step_ms"] > 0 and row["baseline_ms"] > 0
-        assert row["time_ratio"] == pytest.approx(row["step_ms"] / row["baseline_ms"])
+        assert 0 < row["time_ratio"] < float("inf")
         if "vs_torchjd" in row:  # only where torchjd is installed
             assert row["path"].startswith("shared_params")
-            best = min(row["torchjd_ms"], row["torchjd_loop_ms"])
-            assert row["vs_torchjd"] == pytest.approx(row["step_ms"] / best)
+            assert row["torchjd_ms"] > 0 and row["torchjd_loop_ms"] > 0
+            assert 0 < row["vs_torchjd"] < float("inf")
             if row["strategy"] in ("mgda", "upgrad"):  # defined alike in both libraries
                 assert row["torchjd_cosine"] > 0.999
     jacobian_rows = {(r["model"], r["path"]) for r in results["jacobian"]}
@@ -100,6 +100,20 @@ def test_config_rejects_unknown_models_and_bad_repeats() -> None:
         benchmark.main(["--models", "resnet"])
     with pytest.raises(ValueError, match="repeats"):
         benchmark.BenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="clock"):
+        benchmark.BenchConfig(clock="sundial")
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
+    times = {"a": [2.0, 30.0, 4.0], "b": [1.0, 10.0, 4.0]}  # ratios 2, 3, 1
+    assert benchmark.paired_ratio(times, "a", "b") == 2.0
+    counts = {"x": 0}
+
+    def step() -> None:
+        counts["x"] += 1
+
+    measured = benchmark.interleaved({"x": step}, warmup=2, repeats=3, device="cpu")
+    assert counts["x"] == 5 and len(measured["x"]) == 3
 
 
 def test_problems_have_the_documented_shapes() -> None:
