@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
 
 from taskbalance.registry import register_strategy
 from taskbalance.strategies.moco import TrackedGradients
-from taskbalance.strategy import (
-    StepReport,
-    StrategyError,
-    _backward_replacing,
-    per_task_jacobian,
-)
+from taskbalance.strategy import StepReport, StrategyError
+
+# True while ``backward`` runs: the rows it hands to ``_aggregate_rows`` are log-loss gradients.
+_LOG_ROWS: ContextVar[bool] = ContextVar("db_mtl_log_rows", default=False)
 
 
 @register_strategy(
@@ -43,7 +42,8 @@ class DBMTL(TrackedGradients):
 
     A loss with ``L_i + ε ≤ 0`` has no logarithm: :class:`~taskbalance.StrategyError`
     naming the task. State: ``tracked`` (``ĝ``, ``[T, P]``, sized at the first step, see
-    :class:`~taskbalance.strategies.moco.TrackedGradients`) and per-task step counts ``steps``;
+    :class:`~taskbalance.strategies.moco.TrackedGradients`), per-task step counts ``steps`` and
+    the last ``alphas`` (reported);
     with partial labels only the present tasks' rows change and ``α`` is taken over them.
     """
 
@@ -63,19 +63,23 @@ class DBMTL(TrackedGradients):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
             raise StrategyError(f"eps must be a finite number >= 0, got {eps!r}")
         self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
+        self.register_buffer("alphas", torch.ones(len(self.tasks)))
 
-    def _balanced(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        """(direction, α) from the Jacobian of the plain losses and the (detached) losses."""
-        shifted = losses.to(jacobian.dtype) + self.eps
+    def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+        if _LOG_ROWS.get():
+            log_grads = jacobian  # backward already differentiated L_i / stopgrad(L_i + ε)
+        else:
+            self._check_logarithm([self.tasks[i] for i in index.tolist()], losses)
+            log_grads = jacobian / (losses.to(jacobian.dtype) + self.eps).unsqueeze(1)
         tracked = self._tracked(jacobian)
-        log_grads = (jacobian / shifted.unsqueeze(1)).to(tracked.dtype)
         self.steps[index] += 1
         rates = (self.beta / self.steps[index] ** self.beta_sigma).to(tracked.dtype)
-        averaged = log_grads + rates.unsqueeze(1) * (tracked[index] - log_grads)
+        averaged = log_grads.to(tracked.dtype)
+        averaged = averaged + rates.unsqueeze(1) * (tracked[index] - averaged)
         tracked[index] = averaged
         norms = averaged.norm(dim=1)
-        alphas = norms.amax() / (norms + 1e-8)
-        return (alphas @ averaged).to(jacobian.dtype), alphas
+        self.alphas[index] = (norms.amax() / (norms + 1e-8)).to(self.alphas.dtype)
+        return (self.alphas[index].to(averaged.dtype) @ averaged).to(jacobian.dtype)
 
     def _check_logarithm(self, names: Sequence[str], losses: Tensor) -> None:
         positive = losses + self.eps > 0
@@ -83,12 +87,8 @@ class DBMTL(TrackedGradients):
             bad = names[positive.tolist().index(False)]
             raise StrategyError(
                 f"db_mtl trains on log(loss + {self.eps}); loss of task {bad!r} is "
-                f"{losses[names.index(bad)].item():.6g}, which has no logarithm"
+                f"{losses[list(names).index(bad)].item():.6g}, which has no logarithm"
             )
-
-    def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        self._check_logarithm([self.tasks[i] for i in index.tolist()], losses)
-        return self._balanced(jacobian, losses, index)[0]
 
     def backward(
         self,
@@ -99,14 +99,18 @@ class DBMTL(TrackedGradients):
         scaler: torch.amp.GradScaler | None = None,
     ) -> StepReport:
         batch = self.gather(losses)
-        self._require_graph(batch)
-        inputs = self._grad_inputs(shared_params, features)
         detached = batch.values.detach()
         self._check_logarithm(batch.names, detached)
-        with self.transaction():
-            rows = per_task_jacobian(batch, inputs, scaler)
-            direction, alphas = self._balanced(rows, detached, batch.index)
-            # Heads: the gradient of Σ log(L_i + ε); shared tensors: the balanced direction.
-            total = (batch.values / (detached + self.eps)).sum()
-            _backward_replacing(total, inputs, direction, scaler)
-        return StepReport(batch.names, detached, alphas.to(detached.dtype))
+        # L_i / stopgrad(L_i + ε) has the gradient of log(L_i + ε): the heads get it, and the
+        # per-task rows the base class computes are the log-loss gradients.
+        scaled = {
+            name: losses[name] / (value + self.eps) for name, value in zip(batch.names, detached)
+        }
+        token = _LOG_ROWS.set(True)
+        try:
+            report = super().backward(
+                scaled, shared_params=shared_params, features=features, scaler=scaler
+            )
+        finally:
+            _LOG_ROWS.reset(token)
+        return StepReport(report.tasks, detached, self.alphas[batch.index].to(detached.dtype))

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
 
 from taskbalance.registry import register_strategy
 from taskbalance.strategies.gradvac import draw, new_generator_state
-from taskbalance.strategy import (
-    GradientAggregation,
-    StepReport,
-    StrategyError,
-    _backward_replacing,
-    per_task_jacobian,
-    per_task_vector,
-)
+from taskbalance.strategy import GradientAggregation, StepReport, StrategyError, per_task_vector
+
+# The features of the step under way: set by ``backward`` for ``_aggregate_rows``.
+_FEATURES: ContextVar[list[Tensor] | None] = ContextVar("graddrop_features", default=None)
 
 
 @register_strategy(
@@ -48,7 +45,8 @@ class GradDrop(GradientAggregation):
     * ``features=`` (the paper's setting: a layer of activations ``A`` with the batch first). As
       in the paper for batch-separated activations (and LibMTL), ``P`` and the masks use the
       batch-marginalised gradients ``Σ_b sign(A_b) ∘ ∇_{A_b} L_i``; one mask per activation unit
-      is then applied to every example's gradient.
+      is then applied to every example's gradient. (Under DistributedDataParallel, where the
+      feature rows are gathered across ranks, the per-entry rule below is used instead.)
     * ``shared_params=`` and ``aggregate(J)``: the rule is applied to each entry of the flat
       Jacobian rows (TorchJD's aggregator). This is GradDrop on parameter gradients, which the
       paper does not study (LibMTL refuses it).
@@ -93,16 +91,12 @@ class GradDrop(GradientAggregation):
         return leak + (1 - leak) * mask.to(signed.dtype)
 
     def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        return (self._keep(jacobian, index) * jacobian).sum(0)
-
-    def _feature_direction(self, rows: Tensor, features: Sequence[Tensor], index: Tensor) -> Tensor:
+        features = _FEATURES.get()
+        if features is None or jacobian.shape[1] != sum(t.numel() for t in features):
+            # shared_params, aggregate(J), or features whose rows were gathered across ranks
+            return (self._keep(jacobian, index) * jacobian).sum(0)
         pieces = []
-        for block, tensor in zip(rows.split([t.numel() for t in features], dim=1), features):
-            if tensor.dim() < 2:
-                raise StrategyError(
-                    "features for graddrop must have a batch dimension first, got shape "
-                    f"{tuple(tensor.shape)}"
-                )
+        for block, tensor in zip(jacobian.split([t.numel() for t in features], dim=1), features):
             grads = block.reshape(block.shape[0], *tensor.shape)  # [k, B, ...]
             signed = (grads * tensor.detach().sign()).sum(1)  # batch-marginalised [k, ...]
             keep = self._keep(signed, index).unsqueeze(1)  # one mask per unit, every example
@@ -117,14 +111,19 @@ class GradDrop(GradientAggregation):
         features: Tensor | Sequence[Tensor] | None = None,
         scaler: torch.amp.GradScaler | None = None,
     ) -> StepReport:
-        if features is None:
-            return super().backward(losses, shared_params=shared_params, scaler=scaler)
-        batch = self.gather(losses)
-        self._require_graph(batch)
-        inputs = self._grad_inputs(None, features)
-        with self.transaction():
-            rows = per_task_jacobian(batch, inputs, scaler)
-            direction = self._feature_direction(rows, inputs, batch.index)
-            _backward_replacing(batch.values.sum(), inputs, direction, scaler)
-        detached = batch.values.detach()
-        return StepReport(batch.names, detached, torch.ones_like(detached))
+        listed = None
+        if features is not None:
+            listed = [features] if isinstance(features, Tensor) else list(features)
+            for tensor in listed:
+                if isinstance(tensor, Tensor) and tensor.dim() < 2:
+                    raise StrategyError(
+                        "features for graddrop must have a batch dimension first, got shape "
+                        f"{tuple(tensor.shape)}"
+                    )
+        token = _FEATURES.set(listed)
+        try:
+            return super().backward(
+                losses, shared_params=shared_params, features=features, scaler=scaler
+            )
+        finally:
+            _FEATURES.reset(token)
