@@ -462,7 +462,9 @@ def bench_strategy(
     paths = _paths(strategy)
     steps: dict[str, Callable[[], None]] = {"baseline": _baseline(problem)}
     for path in paths:
-        steps[path] = _strategy_step(strategy, problem, path)
+        # One instance per path: state such as running gradient averages has the path's size.
+        instance = tb.create_strategy(name, tasks=problem.tasks).to(config.device)
+        steps[path] = _strategy_step(instance, problem, path)
     aggregator = _torchjd_aggregator(name, strategy, tasks) if use_torchjd else None
     if aggregator is not None:
         steps["torchjd"] = _torchjd_step(aggregator, problem, None)

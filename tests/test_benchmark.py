@@ -69,6 +69,8 @@ def test_quick_covers_every_registered_strategy_on_every_path(
 def test_quick_rows_hold_positive_times_and_ratios(quick: tuple[dict[str, Any], Path]) -> None:
     results, _ = quick
     for row in results["rows"]:
+        if "error" in row:  # reported by the test above
+            continue
         assert row["step_ms"] > 0 and row["baseline_ms"] > 0
         assert 0 < row["time_ratio"] < float("inf")
         if "vs_torchjd" in row:  # only where torchjd is installed
