@@ -168,6 +168,28 @@ def test_cagrad_dual_by_hand() -> None:
     torch.testing.assert_close(w, torch.tensor([1.0, 0.0], dtype=torch.float64), atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("rows", "c"),
+    [
+        ([[1.0, 0.0], [1.0, 0.0]], 0.4),  # equal gradients: w = (½, ½)
+        ([[1.0, 0.0], [-2.0, 0.0]], 0.4),  # opposite: the kink at g_w = 0
+        ([[1.0, 0.0], [0.3, 2.0]], 0.0),  # c = 0: linear, the smaller g_iᵀg₀ wins
+        ([[1.0, 0.0], [0.3, 2.0]], 5.0),  # large c: close to the min-norm point
+        ([[1e-9, 0.0], [0.0, 1e9]], 0.4),  # norms 18 orders apart
+    ],
+)
+def test_cagrad_two_task_closed_form_against_a_grid(rows: list[list[float]], c: float) -> None:
+    gramian = gram(rows)
+    w = cagrad_weights(gramian, c)
+    grid = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    candidates = torch.stack([grid, 1 - grid], dim=1)
+    values = torch.stack([cagrad_objective(v, gramian, c) for v in candidates])
+    best = cagrad_objective(w, gramian, c)
+    assert float(best) <= float(values.min()) + 1e-12 * float(gramian.diagonal().max())
+    if rows[0] == rows[1]:
+        torch.testing.assert_close(w, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
 # --------------------------------------------------------------------------- Nash
 def test_nash_two_task_closed_form_and_orthogonal_case() -> None:
     torch.testing.assert_close(

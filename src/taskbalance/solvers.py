@@ -147,6 +147,7 @@ def cagrad_weights(
     smoothed as ``√(wᵀĜw + 1e-12)`` in the units of ``Ĝ = G / max diag G`` (the official code
     adds 1e-8 in raw units), which keeps the objective differentiable where ``g_w = 0``. Solved
     with the same barrier Newton method as :func:`min_norm_weights`; same ``tol`` meaning.
+    Two tasks have an exact closed form (without the smoothing), used directly.
     """
     _check_gramian(gramian)
     count = gramian.shape[0]
@@ -156,6 +157,8 @@ def cagrad_weights(
     tol = _default_tol(work.dtype, 1e-10, 1e-5) if tol is None else tol
     linear = work.mean(dim=1)  # G 1/k: the inner products g_iᵀ g₀
     radius = c * linear.mean().clamp(min=0).sqrt()  # c ‖g₀‖
+    if count == 2:
+        return _cagrad_two(work, linear, radius).to(gramian.dtype)
     smoothing = 1e-12
 
     def value(w: Tensor) -> Tensor:
@@ -178,6 +181,32 @@ def cagrad_weights(
             "raise max_iter or tol"
         )
     return weights.to(gramian.dtype)
+
+
+def _cagrad_two(work: Tensor, linear: Tensor, radius: Tensor) -> Tensor:
+    """Two tasks, exactly: ``w = (t, 1 − t)`` minimising ``f(t) = bᵀw + r ‖g₂ + t δ‖``.
+
+    With ``δ = g₁ − g₂``, ``a = ‖δ‖²``, ``p = g₂ᵀδ``, ``q = ‖g₂‖²``, ``f'(t) = 0`` reads
+    ``(p + t a) / ‖g₂ + t δ‖ = κ := (b₂ − b₁) / r``. The left side increases from −√a to √a,
+    so for ``|κ| < √a`` the root is ``t = (−p + κ √((a q − p²) / (a − κ²))) / a``, clipped to
+    [0, 1] (``f`` is convex); otherwise ``f`` is monotone and ``t`` is 0 or 1. Equal
+    gradients (``a = 0``) give ``t = ½``.
+    """
+    a = work[0, 0] - 2 * work[0, 1] + work[1, 1]
+    p = work[0, 1] - work[1, 1]
+    q = work[1, 1]
+    slope = linear[0] - linear[1]  # b₁ − b₂
+    safe_radius = torch.where(radius > 0, radius, torch.ones_like(radius))
+    kappa = torch.where(radius > 0, -slope / safe_radius, torch.full_like(radius, torch.inf))
+    kappa = torch.where(slope == 0, torch.zeros_like(kappa), kappa)
+    interior = kappa.abs() < a.clamp(min=0).sqrt()
+    safe_a = torch.where(a > 0, a, torch.ones_like(a))
+    spread = (a * q - p * p).clamp(min=0) / torch.where(interior, a - kappa**2, torch.ones_like(a))
+    root = ((-p + kappa * spread.sqrt()) / safe_a).clamp(0, 1)
+    edge = torch.where(slope < 0, torch.ones_like(a), torch.zeros_like(a))
+    t = torch.where(interior, root, edge)
+    t = torch.where(a > 0, t, torch.full_like(a, 0.5))
+    return torch.stack([t, 1 - t])
 
 
 def _simplex_barrier_newton(
@@ -272,21 +301,20 @@ def nash_weights(
     if max_iter < 1 or check_every < 1:
         raise StrategyError("max_iter and check_every must be >= 1")
     work = gramian.to(solver_dtype(gramian.device))
-    work = 0.5 * (work + work.mT)
     norms = work.diagonal().clamp(min=0).sqrt()
+    count = work.shape[0]
+    if count <= 2:  # closed form; a zero gradient or opposite pair makes it non-finite
+        alpha = _nash_closed_form(work, norms)
+        if not bool(torch.isfinite(alpha).all()):
+            raise StrategyError(_nash_failure(work, tol, "no solution"))
+        return alpha.to(gramian.dtype)
     if not bool((norms > 0).all()):
         raise StrategyError(_nash_failure(work, tol, "no solution"))
     # Solve for the cosine matrix C = G / (n nᵀ): β solves C β = 1/β iff α = β / n solves
     # G α = 1/α. This is exact (Nash-MTL is covariant under per-task scaling) and leaves
     # Newton a matrix with unit diagonal however different the gradient norms are.
     cosines = work / torch.outer(norms, norms)
-    count = work.shape[0]
-    if count <= 2:
-        beta = _nash_closed_form(cosines)
-        residual = (beta * (cosines @ beta) - 1).abs().max()
-        if not bool(torch.isfinite(beta).all() & (residual <= tol)):
-            raise StrategyError(_nash_failure(work, tol, "no solution"))
-        return (beta / norms).to(gramian.dtype)
+    cosines = 0.5 * (cosines + cosines.mT)
     beta = torch.ones_like(norms)  # exact for orthogonal gradients
     for iteration in range(1, max_iter + 1):
         grad = cosines @ beta - 1 / beta
@@ -302,11 +330,13 @@ def nash_weights(
     raise StrategyError(_nash_failure(work, tol, f"not converged in {max_iter} Newton steps"))
 
 
-def _nash_closed_form(cosines: Tensor) -> Tensor:
-    """One or two tasks, unit diagonal: ``β_i = 1 / √(1 + cos θ)``."""
-    if cosines.shape[0] == 1:
-        return torch.ones_like(cosines[0])
-    return (1 / (1 + cosines[0, 1]).sqrt()).expand(2).clone()
+def _nash_closed_form(work: Tensor, norms: Tensor) -> Tensor:
+    """One or two tasks: ``α_i = 1 / (‖g_i‖ √(1 + cos θ))`` (``1 / ‖g‖`` for one task)."""
+    if work.shape[0] == 1:
+        return 1 / norms
+    # 1 + cos θ = (‖g₁‖‖g₂‖ + g₁ᵀg₂) / (‖g₁‖‖g₂‖); 0 (opposite) or 0/0 (a zero gradient) → inf/nan
+    product = norms[0] * norms[1]
+    return 1 / (norms * ((product + work[0, 1]) / product).sqrt())
 
 
 def _nash_failure(work: Tensor, tol: float, reason: str) -> str:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.registry import register_strategy
-from taskbalance.solvers import nash_weights, solver_dtype
+from taskbalance.solvers import nash_weights
 from taskbalance.strategy import GradientAggregation, StepReport, StrategyError, _scaled
 
 
@@ -49,11 +49,11 @@ class NashMTL(GradientAggregation):
       weights of the tasks present.
     * ``max_norm`` (default 1.0, as in the official code; 0 disables): the official code
       clips the norm of the shared parameters' gradient at ``max_norm`` after the backward.
-      Here the clip is folded into the weights, ``α ← α · min(1, max_norm / ‖d‖)`` with
-      ``‖d‖ = √(αᵀGα)`` computed from the Gramian (w.r.t. the tensors passed as
-      ``shared_params`` or ``features``): the shared update is the same as the official
-      clipped one (up to ``clip_grad_norm_``'s 1e-6), and the task heads get the same factor
-      (the official code leaves the heads unclipped). Since ``‖d‖ = √T`` before clipping, the
+      Here the clip is folded into the weights, ``α ← α · min(1, max_norm / ‖d‖)``, with
+      ``‖d‖² = αᵀGα = Σ_i α_i (Gα)_i = k`` for ``k`` tasks present (exact at the solution,
+      to ``tol`` here; ``d`` w.r.t. the tensors passed as ``shared_params`` or ``features``):
+      the shared update is the official clipped one (up to ``clip_grad_norm_``'s 1e-6), and
+      the task heads get the same factor (the official code leaves them unclipped). So the
       default clip is active for two tasks or more.
     * The weights after clipping are kept in the buffer ``alpha`` (per task) for reuse and
       reported as the task weights.
@@ -104,11 +104,10 @@ class NashMTL(GradientAggregation):
         if self._reuses():
             self.step += 1
             return self.alpha[index].to(gramian.dtype)
-        work = gramian.to(solver_dtype(gramian.device))
-        alpha = nash_weights(work, tol=self.tol, max_iter=self.optim_niter)
+        alpha = nash_weights(gramian, tol=self.tol, max_iter=self.optim_niter)
         if self.max_norm > 0:
-            norm = (alpha @ work @ alpha).clamp(min=0).sqrt()  # ‖d‖
-            alpha = alpha * (self.max_norm / norm).clamp(max=1)
+            # ‖d‖² = αᵀGα = Σ α_i (Gα)_i = k at the solution (to the solver's tolerance).
+            alpha = alpha * min(1.0, self.max_norm / math.sqrt(gramian.shape[0]))
         with torch.no_grad():
             self.alpha[index] = alpha.to(self.alpha.dtype)
             self.step += 1
