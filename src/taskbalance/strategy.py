@@ -342,7 +342,8 @@ class Strategy(nn.Module):
                 f"call strategy.to({str(device)!r})"
             )
         dtype = functools.reduce(torch.promote_types, (losses[n].dtype for n in names))
-        values = torch.stack([losses[n].reshape(()).to(dtype) for n in names])
+        parts = [losses[n].reshape(()).to(dtype) for n in names]
+        values = torch.stack(parts)
         index, mask = self._index_and_mask(names, device)
         group = self._sync_group(values)
         if group is None:
@@ -361,7 +362,9 @@ class Strategy(nn.Module):
         agreed = (counts == 0) | (counts == ranks)
         if not bool(torch.cat([finite, agreed]).all()):  # every rank reaches the same verdict
             self._raise_distributed(names, values, finite, counts, ranks)
-        values = values + (means - values.detach())
+        # Stacked per task, so that each row of the Jacobian keeps its own backward root.
+        shifts = (means - values.detach()).unbind()
+        values = torch.stack([part + shift for part, shift in zip(parts, shifts)])
         return TaskLosses(names, values, index, mask, group)
 
     def _sync_group(self, values: Tensor) -> Any:
@@ -621,7 +624,7 @@ def _per_task_rows(
             # the gradients it writes are checked when the transaction ends.
             step.watch(batch.values)
         scale = scale.to(batch.values.device)
-        rows = jacobian(batch.values * scale, inputs)
+        rows = jacobian(batch.values, inputs, scale=scale)
         rows = rows.float() / scale if rows.dtype in _HALF else rows / scale
     if rows.dtype in _HALF:
         rows = rows.float()  # weights from a float32 Gramian; bf16/fp16 products lose too much
