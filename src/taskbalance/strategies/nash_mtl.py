@@ -10,7 +10,7 @@ from torch import Tensor
 
 from taskbalance.registry import register_strategy
 from taskbalance.solvers import nash_weights
-from taskbalance.strategy import GradientAggregation, StepReport, StrategyError, _scaled
+from taskbalance.strategy import GradientAggregation, StepReport, StrategyError, scaled_backward
 
 
 @register_strategy(
@@ -131,7 +131,7 @@ class NashMTL(GradientAggregation):
         self._grad_inputs(shared_params, features)  # same argument checks as an update step
         with self.transaction():
             weights = self.alpha[batch.index].to(batch.values.dtype)
-            _scaled((weights * batch.values).sum(), scaler).backward()
+            scaled_backward((weights * batch.values).sum(), scaler)
             with torch.no_grad():
                 self.step += 1
         return StepReport(batch.names, batch.values.detach(), weights)
