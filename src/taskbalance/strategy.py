@@ -605,12 +605,12 @@ def _per_task_rows(
     features: bool | None,
 ) -> tuple[Tensor, tuple[int, int]]:
     """The rows of :func:`per_task_jacobian` and the span of this rank's own columns."""
+    if features is None:
+        features = not all(t.grad_fn is None for t in inputs)  # parameters are leaves
     device = batch.values.device
     for position, tensor in enumerate(inputs):
         if tensor.device != device:
-            argument = (
-                "inputs" if features is None else ("features" if features else "shared_params")
-            )
+            argument = "features" if features else "shared_params"
             raise StrategyError(
                 f"{argument}[{position}] is on {tensor.device}, the losses on {device}"
             )
@@ -630,11 +630,11 @@ def _per_task_rows(
         rows = rows.float()  # weights from a float32 Gramian; bf16/fp16 products lose too much
     span = (0, rows.shape[1])
     if batch.group is not None:
-        if features is None:
-            features = not all(t.grad_fn is None for t in inputs)
         rows, span = distributed.reduce_rows(rows, features=features, group=batch.group)
     if scale is not None and not bool(torch.isfinite(rows).all()):
         _mark_overflow()  # after the reduction, so that every rank agrees
+    if not overflowed():
+        _check_rows(batch, inputs, rows, features)
     return rows, span
 
 
@@ -838,13 +838,11 @@ class GradientAggregation(Strategy):
                 weights = torch.full_like(detached, math.nan)
                 scaled_backward((weights * batch.values).sum(), scaler)
             elif self.combines_gradients():
-                _check_rows(batch, inputs, rows, features is not None)
                 with _solver_errors(self):
                     weights = self.gramian_weights(gramian(rows), detached, batch.index)
                 weights = weights.detach().to(batch.values.dtype)
                 scaled_backward((weights * batch.values).sum(), scaler)
             else:
-                _check_rows(batch, inputs, rows, features is not None)
                 with _solver_errors(self):
                     direction = self._aggregate_rows(rows, detached, batch.index)
                 if stop - start != direction.shape[0]:
@@ -875,8 +873,8 @@ def _check_gramian_range(rows: Tensor, names: Sequence[str]) -> None:
     if not bool(finite.all()):
         bad = names[finite.tolist().index(False)]
         raise StrategyError(
-            f"the gradient of task {bad!r} is too large: its squared norm overflows "
-            f"{rows.dtype} (scale that loss down)"
+            f"the gradient of task {bad!r} is not finite or too large: its squared norm "
+            f"overflows {rows.dtype} (scale that loss down)"
         )
 
 
@@ -891,14 +889,32 @@ def _check_rows(batch: TaskLosses, inputs: Sequence[Tensor], rows: Tensor, featu
     for position in (squared == 0).nonzero().reshape(-1).tolist():
         # A zero row is legitimate (a dead ReLU, an exact optimum) unless the task's loss does
         # not depend on the inputs at all: then the caller passed the wrong tensors.
-        grads = torch.autograd.grad(
-            batch.values[position], inputs, retain_graph=True, allow_unused=True
-        )
-        if all(g is None for g in grads):
+        if not _task_reaches(batch.values, position, inputs):
             raise StrategyError(
                 f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
                 f"{argument}; pass tensors that every present task reaches"
             )
+
+
+def _task_reaches(values: Tensor, position: int, inputs: Sequence[Tensor]) -> bool:
+    """Whether entry ``position`` of the stacked losses depends on any of ``inputs``."""
+    stack = values.grad_fn
+    if stack is None or type(stack).__name__ != "StackBackward0":
+        return True  # not built by gather: assume it does
+    targets = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
+    leaves = {id(t) for t in inputs if t.grad_fn is None}
+    seen: set[int] = set()
+    nodes = [stack.next_functions[position][0]]
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if id(node) in targets or (variable is not None and id(variable) in leaves):
+            return True
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _backward_replacing(
