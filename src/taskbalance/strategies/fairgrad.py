@@ -62,7 +62,10 @@ def fair_weights(
         if bool(error <= tol):  # one host sync per iteration
             break
         hessian = a + torch.diag(-power * w ** (power - 1))
-        step = -torch.linalg.solve(hessian, grad)
+        step, info = torch.linalg.solve_ex(hessian, grad)
+        if bool(info != 0):  # the weights ran away until the Hessian became singular
+            break
+        step = -step
         shrink = torch.where(step < 0, -_TO_BOUNDARY * w / step.clamp(max=-1e-300), math.inf)
         largest = shrink.amin().clamp(max=1.0)
         trial = w + (largest * steps)[:, None] * step  # [J, k], all positive
@@ -74,9 +77,8 @@ def fair_weights(
         accepted = accepted | (trial_error < (1 - _ARMIJO) * error)
         first = torch.where(accepted.any(), accepted.to(torch.int8).argmax(), _HALVINGS - 1)
         w = trial[first]
-    else:
-        target = w**power
-        error = ((a @ w - target).abs() / target).amax()
+    target = w**power
+    error = ((a @ w - target).abs() / target).amax()
     if not bool(torch.isfinite(error) & (error <= tol)):
         raise StrategyError(
             f"FairGrad found no weights w > 0 with (G w)_i = w_i^(-1/alpha) in {max_iter} "
