@@ -284,7 +284,7 @@ def test_db_mtl_heads_get_log_loss_gradients_and_nonpositive_losses_fail() -> No
     torch.testing.assert_close(heads[0].weight.grad, expected)
     z = trunk(x)
     values = {"t0": heads[0](z).mean() * 0 - 1, "t1": heads[1](z).pow(2).mean()}
-    with pytest.raises(tb.StrategyError, match="'t0'.*no logarithm"):
+    with pytest.raises(tb.StrategyError, match=r"'t0'.*no logarithm"):
         tb.create_strategy("db_mtl", tasks(2)).backward(values, features=z)
 
 
