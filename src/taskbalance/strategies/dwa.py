@@ -69,6 +69,7 @@ class DWA(LossWeighting):
         [0.8756, 1.1244]
     """
 
+    ratio: Tensor
     epoch_mean: Tensor
     epoch_steps: Tensor
     previous: Tensor
@@ -95,6 +96,7 @@ class DWA(LossWeighting):
         self.temperature = float(temperature)
         self.window = window
         count = len(self.tasks)
+        self.register_buffer("ratio", torch.ones(count))  # w_k, refreshed with the history
         if window is None:
             # Running mean of the current epoch, and the means of the last two finished epochs.
             self.register_buffer("epoch_mean", torch.zeros(count))
@@ -108,6 +110,11 @@ class DWA(LossWeighting):
     # ----------------------------------------------------------------- the method
     def ratios(self, index: Tensor) -> Tensor:
         """``w_k``: last period's mean loss over the one before (1 without enough history)."""
+        return self.ratio[index]
+
+    @torch.no_grad()
+    def _refresh_ratios(self, index: Tensor) -> None:
+        # Kept in a buffer: recomputed when the history changes, not at every weight request.
         if self.window is None:
             older, newer = self.previous[index].unbind(1)
             ready = self.epochs_seen[index] >= 2
@@ -117,7 +124,7 @@ class DWA(LossWeighting):
             ready = self.steps_seen[index] >= 2 * self.window
         # A zero mean loss would divide by zero; a fully fitted task gets ratio 0 instead.
         ratio = newer / older.clamp(min=torch.finfo(older.dtype).tiny)
-        return torch.where(ready, ratio, torch.ones_like(ratio))
+        self.ratio[index] = torch.where(ready, ratio, torch.ones_like(ratio))
 
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
         weights = torch.softmax(self.ratios(index) / self.temperature, dim=0)
@@ -135,6 +142,7 @@ class DWA(LossWeighting):
         shifted = torch.stack([self.previous[:, 1], self.epoch_mean], dim=1)
         self.previous.copy_(torch.where(seen.unsqueeze(1), shifted, self.previous))
         self.epochs_seen.add_(seen.long()).clamp_(max=2)
+        self._refresh_ratios(torch.arange(len(self.tasks), device=seen.device))  # unseen: same
         self.epoch_mean.zero_()
         self.epoch_steps.zero_()
 
@@ -156,6 +164,7 @@ class DWA(LossWeighting):
                 else:
                     self.recent[index] = torch.cat([self.recent[index, 1:], values[:, None]], 1)
                     self.steps_seen[index] = (self.steps_seen[index] + 1).clamp(max=2 * self.window)
+                    self._refresh_ratios(index)
 
         return total, weights, record
 
