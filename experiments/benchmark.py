@@ -801,43 +801,25 @@ def _panel(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- driver
-def run(config: BenchConfig) -> dict[str, Any]:
-    """Measure everything that ``config`` asks for; return the JSON-able results."""
+def run(
+    config: BenchConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Measure everything that ``config`` asks for; return the JSON-able results.
+
+    ``on_progress`` is called with the results so far after each model and task count, so a
+    long run that is cut short still leaves what it measured."""
     torchjd_version: str | None = None
     if importlib.util.find_spec("torchjd") is not None:
         torchjd_version = importlib.metadata.version("torchjd")
     use_torchjd = config.torchjd and torchjd_version is not None
     names = [n for pattern in config.strategies for n in tb.list_strategies(pattern)]
     names = sorted(set(names))
-    rows: list[dict[str, Any]] = []
-    jacobian_rows: list[dict[str, Any]] = []
-    with _threads(config.threads):
-        for model in config.models:
-            for tasks in config.tasks:
-                problem = make_problem(
-                    model, tasks, quick=config.quick, device=config.device, seed=config.seed
-                )
-                if config.jacobian_table:
-                    jacobian_rows += bench_jacobian(problem, config)
-                for name in names:
-                    rows += bench_strategy(name, problem, config, use_torchjd)
-                    print(
-                        f"{model} T={tasks} {name}: "
-                        + ", ".join(
-                            f"{r['path']} {_fmt(r.get('time_ratio'))}×"
-                            for r in rows[-3:]
-                            if r["strategy"] == name and r["T"] == tasks
-                        ),
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        toy = bench_toy(config, names) if config.toy else []
     memory_method = (
         "torch.cuda.max_memory_allocated"
         if config.device.startswith("cuda")
         else "growth of peak RSS (VmHWM) over one step"
     )
-    return {
+    results: dict[str, Any] = {
         "meta": {
             "device": torch.cuda.get_device_name()
             if config.device.startswith("cuda")
@@ -852,21 +834,44 @@ def run(config: BenchConfig) -> dict[str, Any]:
             "strategies": names,
         },
         "config": {"models": config.models, "tasks": config.tasks, "quick": config.quick},
-        "rows": rows,
-        "jacobian": jacobian_rows,
-        "toy": toy,
+        "rows": [],
+        "jacobian": [],
+        "toy": [],
     }
+    rows: list[dict[str, Any]] = results["rows"]
+    with _threads(config.threads):
+        if config.toy:
+            results["toy"] = bench_toy(config, names)
+        for model in config.models:
+            for tasks in config.tasks:
+                problem = make_problem(
+                    model, tasks, quick=config.quick, device=config.device, seed=config.seed
+                )
+                if config.jacobian_table:
+                    results["jacobian"] += bench_jacobian(problem, config)
+                for name in names:
+                    new = bench_strategy(name, problem, config, use_torchjd)
+                    rows += new
+                    summary = ", ".join(f"{r['path']} {_fmt(r.get('time_ratio'))}×" for r in new)
+                    print(f"{model} T={tasks} {name}: {summary}", file=sys.stderr, flush=True)
+                if on_progress is not None:
+                    on_progress(results)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = parse_config(BenchConfig, argv)
-    results = run(config)
+
+    def save(results: dict[str, Any]) -> None:
+        if config.json:
+            Path(config.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        if config.markdown:
+            Path(config.markdown).write_text(to_markdown(results))
+
+    results = run(config, save)
     text = to_markdown(results)
     print(text)
-    if config.json:
-        Path(config.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    if config.markdown:
-        Path(config.markdown).write_text(text)
+    save(results)
     if config.plot:
         plot(results, config.plot)
     return results
