@@ -52,6 +52,8 @@ class ConFIG(GradientAggregation):
         [1.5, 1.5]
     """
 
+    pref: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

@@ -47,6 +47,8 @@ class DBMTL(TrackedGradients):
     with partial labels only the present tasks' rows change and ``α`` is taken over them.
     """
 
+    alphas: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

@@ -41,6 +41,8 @@ class DualProj(GradientAggregation):
         [0.0, 0.5]
     """
 
+    pref: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],

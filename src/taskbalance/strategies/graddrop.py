@@ -56,6 +56,9 @@ class GradDrop(GradientAggregation):
     run draws the same masks.
     """
 
+    leak: Tensor
+    rng_state: Tensor
+
     deterministic = False
 
     def __init__(

@@ -70,6 +70,9 @@ class GradVac(GradientAggregation):
       ``[T, T]``; with partial labels only the present pairs change.
     """
 
+    targets: Tensor
+    rng_state: Tensor
+
     deterministic = False
 
     def __init__(

@@ -37,6 +37,9 @@ class TrackedGradients(GradientAggregation):
     (say ``features=`` with a smaller last batch) raises :class:`~taskbalance.StrategyError`.
     """
 
+    tracked: Tensor
+    steps: Tensor
+
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__(tasks)
         self.register_buffer("tracked", torch.zeros(0, 0))
@@ -111,6 +114,9 @@ class MoCo(TrackedGradients):
     labels only the present tasks' rows of ``Y`` are updated, and ``λ`` is updated on the face of
     the present tasks (their total weight is kept).
     """
+
+    lambdas: Tensor
+    lambda_steps: Tensor
 
     def __init__(
         self,

@@ -87,6 +87,8 @@ class UPGrad(GradientAggregation):
         True
     """
 
+    pref: Tensor
+
     def __init__(
         self,
         tasks: Sequence[str],
