@@ -265,3 +265,33 @@ def test_no_communication_without_torch_distributed() -> None:
     value = torch.tensor([1.0, 2.0])
     assert distributed.all_reduce_mean(value) is value
     assert not distributed.is_distributed(distributed.LOCAL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args", [["--strategy", "mgda"], ["--strategy", "famo", "--accumulate", "2", "--amp"]]
+)
+def test_ddp_example_under_torchrun(args: list[str], tmp_path: Path) -> None:
+    """The example script exits non-zero if the two ranks' parameters differ at the end."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "experiments.ddp_example",
+        "--steps",
+        "10",
+        "--wandb-mode",
+        "disabled",
+        "--out",
+        str(tmp_path),
+        *args,
+    ]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 rank(s)" in done.stdout and "max parameter difference 0.0" in done.stdout
