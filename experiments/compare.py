@@ -14,8 +14,11 @@ accuracy of each task, mean ± std over the seeds, and
   (one network per task, same trunk, head, optimizer, steps and seeds) are trained by this
   script. Δm is computed per seed against the single-task accuracy averaged over the seeds,
   then reported as mean ± std; positive means better than single-task;
-* the median time of a training step (forward, strategy backward, optimizer step; logging and
-  diagnostics excluded), measured in this process, and its ratio to equal weighting.
+* the median time of a training step (forward, strategy backward, optimizer step), measured
+  side by side after the training runs (:func:`time_steps`: round-robin passes over all methods
+  on the same batches, so a change of machine load hits every method alike), and its ratio to
+  equal weighting. The CSV also has ``train_step_ms``, the median during the training runs
+  (logging and diagnostics excluded), which is exposed to load changes between runs.
 
 Gradient-level strategies (``needs_grads``) take their per-task gradients with respect to the
 shared features by default (``--grad-source features``: MGDA-UB style, cheap), or the whole
@@ -98,7 +101,16 @@ class CompareConfig(RunConfig):
         default=25, metadata={"help": "steps between grad/cos diagnostics (0: never)"}
     )
     baselines: bool = field(default=True, metadata={"help": "train the single-task baselines"})
-    pairs_per_image: int = field(default=4, metadata={"help": "Multi-Digits training pairs"})
+    timing_rounds: int = field(
+        default=4, metadata={"help": "round-robin passes of the side-by-side step timing"}
+    )
+    timing_steps: int = field(
+        default=25, metadata={"help": "steps per method and pass (0: no timing phase)"}
+    )
+    pairs_per_image: int = field(default=4, metadata={"help": "Multi-Digits pairs per train image"})
+    test_pairs_per_image: int = field(
+        default=4, metadata={"help": "Multi-Digits pairs per test image"}
+    )
     data_seed: int = field(default=0, metadata={"help": "seed of the Multi-Digits split/pairs"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1: stable timings)"})
     device: str = "cpu"
@@ -108,9 +120,12 @@ class CompareConfig(RunConfig):
     resume: bool = field(default=False, metadata={"help": "continue runs from checkpoint_dir"})
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "pairs_per_image", "threads"):
+        positive = ("epochs", "batch_size", "pairs_per_image", "test_pairs_per_image", "threads")
+        for name in (*positive, "timing_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timing_steps < 0:
+            raise ValueError(f"timing_steps must be >= 0, got {self.timing_steps}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.seeds:
@@ -162,6 +177,52 @@ def total_steps(config: CompareConfig, data: MultiDigits) -> tuple[int, int]:
     return config.epochs * per_epoch, per_epoch
 
 
+@dataclass
+class Setup:
+    """A model, its optimizer and (unless single-task) a strategy, ready to train."""
+
+    method: str
+    tasks: tuple[str, ...]
+    model: MultiDigitsNet
+    optimizer: torch.optim.Optimizer
+    strategy: tb.Strategy | None
+    needs_grads: bool
+
+    @classmethod
+    def build(cls, config: CompareConfig, method: str, tasks: Sequence[str]) -> Setup:
+        """``method`` is a strategy name or ``"single-task:<task>"`` (one network, one head)."""
+        single = method.startswith(f"{SINGLE}:")
+        tasks = (method.split(":", 1)[1],) if single else tuple(tasks)
+        model = MultiDigitsNet(tasks).to(config.device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
+        strategy = None if single else tb.create_strategy(method, tasks).to(config.device)
+        needs_grads = strategy is not None and strategy_info(method).needs_grads
+        return cls(method, tasks, model, optimizer, strategy, needs_grads)
+
+    def forward(
+        self, inputs: Tensor, targets: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        features, logits = self.model(inputs)
+        return features, {t: F.cross_entropy(logits[t], targets[t]) for t in self.tasks}
+
+    def update(
+        self, features: Tensor, losses: dict[str, Tensor], grad_source: str
+    ) -> tb.StepReport | None:
+        """Backward with the strategy (plain backward for single-task) and the optimizer step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.strategy is None:
+            losses[self.tasks[0]].backward()
+            report = None
+        elif not self.needs_grads:
+            report = self.strategy.backward(losses)
+        elif grad_source == "features":
+            report = self.strategy.backward(losses, features=features)
+        else:
+            report = self.strategy.backward(losses, shared_params=self.model.shared_parameters())
+        self.optimizer.step()
+        return report
+
+
 def train_run(
     config: CompareConfig,
     data: MultiDigits,
@@ -178,14 +239,9 @@ def train_run(
     ``config.resume`` and an existing file, the run continues from it exactly. ``stop_after``
     ends the run early after that many steps (for tests of resuming).
     """
-    single = method.startswith(f"{SINGLE}:")
-    tasks = (method.split(":", 1)[1],) if single else data.tasks
     seed_everything(seed)
-    device = torch.device(config.device)
-    model = MultiDigitsNet(tasks).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
-    strategy = None if single else tb.create_strategy(method, tasks).to(device)
-    needs_grads = strategy is not None and strategy_info(method).needs_grads
+    setup = Setup.build(config, method, data.tasks)
+    model, optimizer, strategy, tasks = setup.model, setup.optimizer, setup.strategy, setup.tasks
     end_epoch = getattr(strategy, "end_epoch", None)
     result = RunResult(method, seed)
 
@@ -219,12 +275,12 @@ def train_run(
 
     bar = progress(range(start, last), desc=f"{method} s{seed}", total=last - start)
     for step in bar:
-        index = batch_indices(len(images), config.batch_size, seed=seed, step=step).to(device)
+        index = batch_indices(len(images), config.batch_size, seed=seed, step=step)
+        index = index.to(images.device)
         inputs, targets = images[index], {t: labels[t][index] for t in tasks}
 
         began = time.perf_counter()
-        features, logits = model(inputs)
-        losses = {t: F.cross_entropy(logits[t], targets[t]) for t in tasks}
+        features, losses = setup.forward(inputs, targets)
         forward_seconds = time.perf_counter() - began
 
         record: dict[str, float] = {}
@@ -236,17 +292,7 @@ def train_run(
                 result.cosine.append((step, record[f"grad/cos/{pair}"]))
 
         began = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        if strategy is None:
-            losses[tasks[0]].backward()
-            report = None
-        elif not needs_grads:
-            report = strategy.backward(losses)
-        elif config.grad_source == "features":
-            report = strategy.backward(losses, features=features)
-        else:
-            report = strategy.backward(losses, shared_params=shared)
-        optimizer.step()
+        report = setup.update(features, losses, config.grad_source)
         result.step_seconds.append(forward_seconds + time.perf_counter() - began)
 
         if report is None:
@@ -275,6 +321,45 @@ def train_run(
     final = evaluate(model, data.test_images, data.test_labels)
     result.accuracy = {t: final[f"val/acc/{t}"] for t in tasks}
     return result, model
+
+
+def time_steps(
+    config: CompareConfig, data: MultiDigits, methods: Sequence[str]
+) -> dict[str, float]:
+    """Median ms per training step (forward, strategy backward, optimizer step) of each method,
+    measured side by side: ``timing_rounds`` round-robin passes over the methods, each method
+    taking ``timing_steps`` steps per pass on the same batches, so that a change of machine load
+    hits every method alike. A method that fails gets NaN (its runs report the error)."""
+    images, labels = data.train_images, data.train_labels
+    setups: dict[str, Setup] = {}
+    for method in methods:
+        try:
+            seed_everything(0)
+            setups[method] = Setup.build(config, method, data.tasks)
+        except Exception:
+            continue
+    seconds: dict[str, list[float]] = {m: [] for m in setups}
+    for round_ in range(config.timing_rounds):
+        for method, setup in list(setups.items()):
+            for k in range(config.timing_steps):
+                step = round_ * config.timing_steps + k
+                index = batch_indices(len(images), config.batch_size, seed=0, step=step)
+                index = index.to(images.device)
+                inputs, targets = images[index], {t: labels[t][index] for t in setup.tasks}
+                try:
+                    began = time.perf_counter()
+                    features, losses = setup.forward(inputs, targets)
+                    setup.update(features, losses, config.grad_source)
+                    seconds[method].append(time.perf_counter() - began)
+                except Exception:
+                    del setups[method]
+                    seconds[method] = []
+                    break
+    # The first pass warms up caches and allocators: leave it out when there are more.
+    skip = config.timing_steps if config.timing_rounds > 1 else 0
+    return {
+        m: 1000 * statistics.median(s[skip:]) if s[skip:] else math.nan for m, s in seconds.items()
+    } | {m: math.nan for m in methods if m not in seconds}
 
 
 def median_ms(seconds: Sequence[float]) -> float:
@@ -338,9 +423,17 @@ def delta_m(accuracy: dict[str, float], single: dict[str, float]) -> float:
 
 
 def summarise(
-    results: dict[str, list[RunResult]], tasks: Sequence[str], grad_source: str
+    results: dict[str, list[RunResult]],
+    tasks: Sequence[str],
+    grad_source: str,
+    timing: dict[str, float] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(numeric rows for the CSV, formatted rows for Markdown and the console)."""
+    """(numeric rows for the CSV, formatted rows for Markdown and the console).
+
+    ``step_ms`` is the side-by-side timing of :func:`time_steps` when given (NaN without it);
+    ``train_step_ms`` the median step time during the training runs (exposed to load changes).
+    """
+    timing = timing or {}
     single_runs = {t: results.get(f"{SINGLE}:{t}", []) for t in tasks}
     single_mean: dict[str, float] = {}
     for task, runs in single_runs.items():
@@ -348,9 +441,7 @@ def summarise(
         if accs:
             single_mean[task] = statistics.fmean(accs)
     have_single = len(single_mean) == len(tasks)
-    equal_ms = math.nan
-    if "equal" in results:
-        equal_ms = median_ms([s for r in results["equal"] for s in r.step_seconds])
+    equal_ms = timing.get("equal", math.nan)
 
     numeric: list[dict[str, Any]] = []
     if have_single:
@@ -360,7 +451,8 @@ def summarise(
             row[f"{task}_acc_mean"], row[f"{task}_acc_std"] = _mean_std(accs)
         row["delta_m_mean"], row["delta_m_std"] = 0.0, 0.0
         # The cost of getting both tasks: one step of each network.
-        row["step_ms"] = sum(
+        row["step_ms"] = sum(timing.get(f"{SINGLE}:{t}", math.nan) for t in tasks)
+        row["train_step_ms"] = sum(
             median_ms([s for r in single_runs[t] for s in r.step_seconds]) for t in tasks
         )
         row.update(seeds=len(single_runs[tasks[0]]), status="ok", error="")
@@ -383,7 +475,10 @@ def summarise(
             )
         deltas = [delta_m(r.accuracy, single_mean) for r in ok] if have_single else []
         row["delta_m_mean"], row["delta_m_std"] = _mean_std(deltas)
-        row["step_ms"] = median_ms([s for r in ok for s in r.step_seconds]) if ok else math.nan
+        row["step_ms"] = timing.get(method, math.nan)
+        row["train_step_ms"] = (
+            median_ms([s for r in ok for s in r.step_seconds]) if ok else math.nan
+        )
         failed = [r for r in runs if r.error is not None]
         row["seeds"] = len(ok)
         row["status"] = "ok" if not failed else f"failed {len(failed)}/{len(runs)}"
@@ -489,10 +584,17 @@ def weights_figure(results: dict[str, list[RunResult]], tasks: Sequence[str]) ->
 
 # --------------------------------------------------------------------------- main
 def resolve(config: CompareConfig) -> CompareConfig:
-    """Apply --quick: the first seed and QUICK_STEPS steps (unless --steps is given)."""
+    """Apply --quick: the first seed, QUICK_STEPS steps (unless --steps is given) and a short
+    timing phase (2 passes of at most 5 steps)."""
     if not config.quick:
         return config
-    return dataclasses.replace(config, seeds=config.seeds[:1], steps=config.steps or QUICK_STEPS)
+    return dataclasses.replace(
+        config,
+        seeds=config.seeds[:1],
+        steps=config.steps or QUICK_STEPS,
+        timing_rounds=min(config.timing_rounds, 2),
+        timing_steps=min(config.timing_steps, 5),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -504,7 +606,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    data = make_multi_digits(config.data_seed, pairs_per_image=config.pairs_per_image)
+    data = make_multi_digits(
+        config.data_seed,
+        pairs_per_image=config.pairs_per_image,
+        test_pairs_per_image=config.test_pairs_per_image,
+    )
     data = data.to(config.device)
     tasks = data.tasks
     steps, _ = total_steps(config, data)
@@ -523,9 +629,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         for seed in config.seeds:
             result = run_one(config, data, method, seed, group)
             results.setdefault(method, []).append(result)
+    timing = time_steps(config, data, plan) if config.timing_steps else {}
     elapsed = time.perf_counter() - started
 
-    numeric, formatted = summarise(results, tasks, config.grad_source)
+    numeric, formatted = summarise(results, tasks, config.grad_source, timing)
     write_table(numeric, out, "results")
     (out / "results.md").write_text(markdown_table(formatted) + "\n")
     print(markdown_table(formatted))

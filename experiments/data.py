@@ -16,7 +16,9 @@ default: the 10×10 canvas is small already). Choices and their reasons:
 * The source images are split into train and test *before* pairing, and partners are drawn from
   the same split, so no test digit is ever seen in training (as a left or a right digit).
 * A partner is a different image of the same split, drawn uniformly. ``pairs_per_image`` (default
-  1, the paper's count) pairs each image with that many partners, to grow the small training set.
+  1, the paper's count) pairs each training image with that many partners, to grow the small
+  training set; ``test_pairs_per_image`` does the same for the test split (more test pairs
+  average out the luck of the partner draw in the test accuracy).
 * Pixels are scaled to ``[0, 1]`` (``load_digits`` holds 0..16).
 
 Everything is a function of ``seed`` (a ``torch.Generator``), so the data set is reproducible.
@@ -108,6 +110,7 @@ def make_multi_digits(
     *,
     test_fraction: float = 0.25,
     pairs_per_image: int = 1,
+    test_pairs_per_image: int = 1,
     canvas: int = CANVAS,
     offset: int = OFFSET,
     resize: int | None = None,
@@ -117,8 +120,11 @@ def make_multi_digits(
 
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if pairs_per_image < 1:
-        raise ValueError(f"pairs_per_image must be >= 1, got {pairs_per_image}")
+    if pairs_per_image < 1 or test_pairs_per_image < 1:
+        raise ValueError(
+            f"pairs_per_image and test_pairs_per_image must be >= 1, got {pairs_per_image} and "
+            f"{test_pairs_per_image}"
+        )
     digits = load_digits()
     images = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0
     labels = torch.as_tensor(digits.target, dtype=torch.long)
@@ -130,7 +136,7 @@ def make_multi_digits(
     built: dict[str, tuple[Tensor, dict[str, Tensor], Tensor]] = {}
     for split in ("train", "test"):  # fixed order: the generator's draws stay reproducible
         source = splits[split]
-        repeats = pairs_per_image if split == "train" else 1
+        repeats = pairs_per_image if split == "train" else test_pairs_per_image
         anchors, partners = _partners(len(source), repeats, generator)
         left, right = source[anchors], source[partners]
         pictures = overlay(images[left], images[right], canvas=canvas, offset=offset)

@@ -274,7 +274,11 @@ def test_multi_digits_is_deterministic(digits) -> None:
     assert not torch.equal(make_multi_digits(seed=1).test_sources, digits.test_sources)
     grown = make_multi_digits(seed=0, pairs_per_image=3, resize=8)
     assert len(grown.train_images) == 3 * len(digits.train_images)
-    assert len(grown.test_images) == len(digits.test_images)  # test pairs are not repeated
+    assert len(grown.test_images) == len(digits.test_images)  # test pairs: their own count
+    assert torch.equal(grown.test_sources[:, 0].unique(), digits.test_sources[:, 0].unique())
+    more = make_multi_digits(seed=0, test_pairs_per_image=2)
+    assert len(more.test_images) == 2 * len(digits.test_images)
+    assert set(more.test_sources.flatten().tolist()) <= set(digits.test_sources[:, 0].tolist())
     assert tuple(grown.train_images.shape[1:]) == (1, 8, 8)
 
 
@@ -365,6 +369,7 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
         assert 0 <= float(row["left_acc_mean"]) <= 1
     assert table["mgda"]["grads"] == "features" and table["equal"]["grads"] == "–"
     assert table["static"]["status"] == "failed 1/1"
+    assert math.isnan(float(table["static"]["step_ms"]))  # the timing phase skips it too
     assert "RuntimeError: boom" in table["static"]["error"]
     markdown = (out / "results.md").read_text()
     assert all(f"| {m} |" in markdown for m in methods) and "failed 1/1: RuntimeError" in markdown
@@ -391,9 +396,7 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
         float(table["equal"]["left_acc_mean"])
     )
     uncertainty = runs["uncertainty-s0"]["history"][-1]
-    assert "strategy/log_var/left" in uncertainty or any(
-        k.startswith("strategy/") for k in uncertainty
-    )
+    assert math.isfinite(uncertainty["strategy/log_var/left"])  # a strategy's extras
     assert runs["static-s0"]["summary"]["status"] == "failed"
     summary = runs["comparison"]["summary"]
     assert summary["figures/accuracy/_type"] == "image-file"
