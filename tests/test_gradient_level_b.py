@@ -244,6 +244,11 @@ def test_moco_loss_normalisation_and_shape_check() -> None:
     fresh = tb.create_strategy("moco", ["a", "b"])
     fresh.load_state_dict(s.state_dict())  # the lazily sized buffer takes the saved shape
     assert torch.equal(fresh.tracked, s.tracked)
+    # A first step that fails leaves the buffer unsized, as it was.
+    failing = tb.create_strategy("db_mtl", ["a", "b"])
+    with pytest.raises(tb.StrategyError, match="no logarithm"):
+        failing.aggregate(ORTHOGONAL, torch.tensor([1.0, -1.0], dtype=torch.float64))
+    assert failing.tracked.shape == (0, 0)
 
 
 def test_simplex_projection() -> None:
