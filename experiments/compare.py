@@ -31,7 +31,8 @@ W&B (offline by default, under ``<out>/wandb``): one run per (strategy, seed) in
 ``train/loss/<task>``, ``weights/<task>``, strategy extras as ``strategy/<name>/<task>``,
 ``grad/...`` diagnostics and, at epoch ends, ``val/acc/<task>`` and ``val/loss/<task>``; a
 summary per run; and one ``comparison`` run with the figures and the table's numbers.
-``<out>`` gets ``results.csv``, ``results.md``, ``accuracy.png`` and ``weights.png``.
+``<out>`` gets ``results.csv``, ``results.md``, ``accuracy.png``, ``weights.png`` and
+``tradeoff.png`` (Δm against step time).
 
 A strategy that raises is reported in the table as failed, with its error; the others go on.
 """
@@ -582,6 +583,40 @@ def weights_figure(results: dict[str, list[RunResult]], tasks: Sequence[str]) ->
     return figure
 
 
+def tradeoff_figure(numeric: Sequence[dict[str, Any]]) -> Any:
+    """Δm% (mean ± std over seeds) against the side-by-side step time, one point per method."""
+    import matplotlib.pyplot as plt
+
+    rows = [
+        r
+        for r in numeric
+        if r["method"] != SINGLE and not math.isnan(r["delta_m_mean"] + r["step_ms"])
+    ]
+    figure, axis = plt.subplots(figsize=(6.5, 4.2), dpi=90)
+    for row in rows:
+        gradient = row["kind"] == "gradient"
+        axis.errorbar(
+            row["step_ms"],
+            row["delta_m_mean"],
+            yerr=row["delta_m_std"],
+            fmt="s" if gradient else "o",
+            color="tab:red" if gradient else "tab:blue",
+            markersize=4,
+            elinewidth=0.6,
+        )
+        axis.annotate(
+            row["method"], (row["step_ms"], row["delta_m_mean"]), fontsize=6,
+            xytext=(3, 2), textcoords="offset points",
+        )  # fmt: skip
+    axis.axhline(0, color="gray", linewidth=0.8, linestyle="--")
+    axis.set_xlabel("ms per training step (measured side by side)")
+    axis.set_ylabel("Δm % vs single-task (higher is better)")
+    axis.set_title("Multi-Digits: benefit vs cost (circles: loss-level, squares: gradient-level)")
+    axis.title.set_fontsize(9)
+    figure.tight_layout()
+    return figure
+
+
 # --------------------------------------------------------------------------- main
 def resolve(config: CompareConfig) -> CompareConfig:
     """Apply --quick: the first seed, QUICK_STEPS steps (unless --steps is given) and a short
@@ -652,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         figures = {
             "accuracy": accuracy_figure(numeric, tasks),
             "weights": weights_figure(results, tasks),
+            "tradeoff": tradeoff_figure(numeric),
         }
         for name, figure in figures.items():
             figure.savefig(out / f"{name}.png")

@@ -373,7 +373,7 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
     assert "RuntimeError: boom" in table["static"]["error"]
     markdown = (out / "results.md").read_text()
     assert all(f"| {m} |" in markdown for m in methods) and "failed 1/1: RuntimeError" in markdown
-    for figure in ("accuracy.png", "weights.png"):
+    for figure in ("accuracy.png", "weights.png", "tradeoff.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # What W&B recorded: one run per (method, seed), one history row per step.
