@@ -69,16 +69,14 @@ class DBMTL(TrackedGradients):
 
     def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         if _LOG_ROWS.get():
-            log_grads = jacobian  # backward already differentiated L_i / stopgrad(L_i + ε)
-        else:
+            scales = torch.ones(index.numel(), dtype=jacobian.dtype, device=jacobian.device)
+        else:  # rows of the plain losses: ∇log(L_i + ε) = g_i / (L_i + ε)
             self._check_logarithm([self.tasks[i] for i in index.tolist()], losses)
-            log_grads = jacobian / (losses.to(jacobian.dtype) + self.eps).unsqueeze(1)
-        tracked = self._tracked(jacobian)
+            scales = 1 / (losses.to(jacobian.dtype) + self.eps)
         self.steps[index] += 1
-        rates = (self.beta / self.steps[index] ** self.beta_sigma).to(tracked.dtype)
-        averaged = log_grads.to(tracked.dtype)
-        averaged = averaged + rates.unsqueeze(1) * (tracked[index] - averaged)
-        tracked[index] = averaged
+        rates = self.beta / self.steps[index] ** self.beta_sigma
+        # ĝ ← β ĝ + (1 − β) h, in place.
+        averaged = self._update_tracked(index, jacobian, rates, (1 - rates) * scales)
         norms = averaged.norm(dim=1)
         self.alphas[index] = (norms.amax() / (norms + 1e-8)).to(self.alphas.dtype)
         return (self.alphas[index].to(averaged.dtype) @ averaged).to(jacobian.dtype)

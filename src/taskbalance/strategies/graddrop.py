@@ -93,11 +93,30 @@ class GradDrop(GradientAggregation):
         leak = self.leak[index].to(signed.dtype).reshape(-1, *([1] * (mask.dim() - 1)))
         return leak + (1 - leak) * mask.to(signed.dtype)
 
+    def _entrywise(self, jacobian: Tensor, index: Tensor) -> Tensor:
+        """The rule on every entry of ``J`` ``[k, P]``, written with sums over the tasks so that
+        only one temporary of ``J``'s size is made: with ``R = max(J, 0)``,
+        ``Σ_i M_i g_i = [P > U]·Σ_i R_i + [P < U]·Σ_i (g_i − R_i)`` (weighted by ``1 − ℓ_i``)."""
+        leak = self.leak[index].to(jacobian.dtype)
+        positive = jacobian.clamp(min=0)
+        total, positives = jacobian.sum(0), positive.sum(0)
+        magnitude = 2 * positives - total  # Σ_i |g_i|
+        purity = 0.5 * (1 + total / torch.where(magnitude > 0, magnitude, 1.0))
+        uniform = self._uniform(purity.shape, purity)
+        kept_positive = (1 - leak) @ positive
+        kept_negative = (1 - leak) @ jacobian - kept_positive
+        zero = torch.zeros((), dtype=jacobian.dtype, device=jacobian.device)
+        return (
+            leak @ jacobian
+            + torch.where(purity > uniform, kept_positive, zero)
+            + torch.where(purity < uniform, kept_negative, zero)
+        )
+
     def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         features = _FEATURES.get()
         if features is None or jacobian.shape[1] != sum(t.numel() for t in features):
             # shared_params, aggregate(J), or features whose rows were gathered across ranks
-            return (self._keep(jacobian, index) * jacobian).sum(0)
+            return self._entrywise(jacobian, index)
         pieces = []
         for block, tensor in zip(jacobian.split([t.numel() for t in features], dim=1), features):
             grads = block.reshape(block.shape[0], *tensor.shape)  # [k, B, ...]

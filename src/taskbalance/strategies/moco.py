@@ -89,6 +89,20 @@ class TrackedGradients(GradientAggregation):
                 losses, shared_params=shared_params, features=features, scaler=scaler
             )
 
+    def _update_tracked(
+        self, index: Tensor, jacobian: Tensor, keep: Tensor, gain: Tensor
+    ) -> Tensor:
+        """Rows ``index`` of the running gradients become ``keep_i·row_i + gain_i·jacobian_i``;
+        returns them (``[k, P]``), without temporaries of the state's size when all tasks are
+        present."""
+        tracked = self._tracked(jacobian)
+        keep, gain = keep.to(tracked.dtype).unsqueeze(1), gain.to(tracked.dtype).unsqueeze(1)
+        if index.numel() == len(self.tasks):  # every task present: index is 0..T-1
+            return tracked.mul_(keep).addcmul_(jacobian.to(tracked.dtype), gain)
+        rows = tracked[index].mul_(keep).addcmul_(jacobian.to(tracked.dtype), gain)
+        tracked[index] = rows
+        return rows
+
     def _load_from_state_dict(
         self,
         state_dict: Mapping[str, Any],
@@ -175,16 +189,13 @@ class MoCo(TrackedGradients):
         self.register_buffer("lambda_steps", torch.zeros(()))
 
     def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        tracked = self._tracked(jacobian)
-        grads = jacobian
+        factors = torch.ones(index.numel(), dtype=jacobian.dtype, device=jacobian.device)
         if self.normalization == "loss":
-            norms = jacobian.norm(dim=1, keepdim=True)
-            grads = jacobian / (norms + 1e-8) * losses.to(jacobian.dtype).unsqueeze(1)
+            factors = losses.to(jacobian.dtype) / (jacobian.norm(dim=1) + 1e-8)
         self.steps[index] += 1
-        rates = (self.beta / self.steps[index] ** self.beta_sigma).to(tracked.dtype)
-        y = tracked[index]
-        y = y - rates.unsqueeze(1) * (y - grads.to(tracked.dtype))
-        tracked[index] = y
+        rates = self.beta / self.steps[index] ** self.beta_sigma
+        # y ← (1 − β) y + β h, in place: the [T, P] state is the big tensor here.
+        y = self._update_tracked(index, jacobian, 1 - rates, rates * factors)
         self.lambda_steps += 1
         rate = self.gamma / self.lambda_steps**self.gamma_sigma
         current = self.lambdas[index].to(y.dtype)
