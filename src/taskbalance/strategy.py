@@ -101,6 +101,10 @@ class TaskParameterOptimizer(nn.Module):
     computes. Because the state is in buffers, ``state_dict()`` and ``.to(device)`` cover it.
     """
 
+    step_count: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+
     def __init__(
         self,
         shape: Sequence[int],
@@ -263,7 +267,7 @@ class Strategy(nn.Module):
                 object.__setattr__(self, "_init_args", arguments)
             init(self, *args, **kwargs)
 
-        cls.__init__ = recording_init  # type: ignore[misc]
+        cls.__init__ = recording_init  # type: ignore[method-assign]
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
