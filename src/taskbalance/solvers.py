@@ -142,7 +142,7 @@ def cagrad_weights(
 ) -> Tensor:
     """CAGrad's dual weights: ``w`` on the simplex minimising ``g_wᵀ g₀ + √φ ‖g_w‖``.
 
-    Liu et al. 2021, eq. (4)'s dual: ``g_w = Σ w_i g_i``, ``g₀`` the mean gradient and
+    Liu et al. 2021, the inner problem's dual: ``g_w = Σ w_i g_i``, ``g₀`` the mean gradient and
     ``φ = c² ‖g₀‖²``. In terms of ``G``: ``wᵀ G 1/k + c ‖g₀‖ √(wᵀ G w)``. The square root is
     smoothed as ``√(wᵀĜw + 1e-12)`` in the units of ``Ĝ = G / max diag G`` (the official code
     adds 1e-8 in raw units), which keeps the objective differentiable where ``g_w = 0``. Solved
@@ -278,7 +278,7 @@ def nash_weights(
 ) -> Tensor:
     """The Nash bargaining weights: ``α > 0`` with ``(G α)_i = 1 / α_i`` for every task.
 
-    Navon et al. 2022, eq. (2). The solution is the minimiser of the strictly convex,
+    Navon et al. 2022. The solution is the minimiser of the strictly convex,
     self-concordant ``½ αᵀ G α − Σ log α_i`` (its gradient is ``G α − 1/α``), so damped Newton
     steps ``1/(1 + λ)`` (``λ`` the Newton decrement; full steps once ``λ < ¼``) converge from
     any positive start without a line search, quadratically near the solution. Solved for the

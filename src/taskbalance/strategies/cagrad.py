@@ -28,7 +28,7 @@ class CAGrad(GradientAggregation):
 
         ``max_d min_i g_iᵀ d``   subject to   ``‖d − g₀‖ ≤ c ‖g₀‖``
 
-    through its dual over the simplex (the paper's eq. 4 and Algorithm 1):
+    through its dual over the simplex (the paper's Sec. 3 and Algorithm 1):
     ``w = argmin_{w ∈ Δ} g_wᵀ g₀ + √φ ‖g_w‖`` with ``g_w = Σ w_i g_i``, ``φ = c² ‖g₀‖²``, and
     ``d = g₀ + (√φ / ‖g_w‖) g_w``. The dual needs only the Gramian; it is solved in torch by
     :func:`taskbalance.solvers.cagrad_weights` (the official code calls scipy's SLSQP every

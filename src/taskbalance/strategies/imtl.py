@@ -24,7 +24,7 @@ class Imtl(GradientAggregation):
     """IMTL (hybrid): IMTL-G applied to the gradients of IMTL-L's scaled losses.
 
     Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task Learning",
-    ICLR 2021 (OpenReview IMPnRXEWpvr; no arXiv version), Sec. 3.3 and Algorithm 1. Each task
+    ICLR 2021 (OpenReview IMPnRXEWpvr; no arXiv version), Sec. 3 (the hybrid method). Each task
     has a learned ``s_i``; its scaled loss is ``e^(s_i) L_i − s_i`` (IMTL-L), whose gradient
     w.r.t. the shared parameters is ``e^(s_i) g_i``. IMTL-G then finds ``α`` (``Σ α_i = 1``)
     for these scaled gradients, and the shared update is ``Σ α_i e^(s_i) g_i``: weights

@@ -52,7 +52,7 @@ class ImtlG(GradientAggregation):
     """IMTL-G: the update whose projections on every unit task gradient are equal.
 
     Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task Learning",
-    ICLR 2021 (OpenReview IMPnRXEWpvr; no arXiv version), Sec. 3.1. With unit gradients
+    ICLR 2021 (OpenReview IMPnRXEWpvr; no arXiv version), Sec. 3. With unit gradients
     ``u_i = g_i / ‖g_i‖`` the paper asks for ``d = Σ α_i g_i``, ``Σ α_i = 1``, with
     ``dᵀu_1 = dᵀu_i`` for all ``i``, and gives the closed form
     ``α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹``, ``α_1 = 1 − Σ α_{2:T}`` with rows ``U_i = u_1 − u_i``,

@@ -24,7 +24,7 @@ class NashMTL(GradientAggregation):
 
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task Learning as a
     Bargaining Game", ICML 2022, arXiv:2202.01017. The update ``d = Σ α_i g_i`` with ``α > 0``
-    solving (Theorem 5.1, eq. 2)
+    solving (the paper's Sec. 3)
 
         ``(G α)_i = 1 / α_i``  for every task,  i.e.  ``g_iᵀ d = 1 / α_i > 0``
 
