@@ -149,6 +149,34 @@ def _overflow(rank: int) -> dict[str, Any]:
     return {"state_same": state_same, "params_same": params_same, "scale": scaler.get_scale()}
 
 
+def _partial(rank: int) -> dict[str, Any]:
+    """Partial labels under DDP: every rank passes tasks a and c only (DDP needs
+    ``find_unused_parameters=True`` for the idle head); b's head and state stay as they were."""
+    out: dict[str, Any] = {}
+    for name in ("uncertainty", "mgda"):
+        inner = Net()
+        model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+        strategy = tb.create_strategy(name, TASKS)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        head_b = [p.detach().clone() for p in inner.heads["b"].parameters()]
+        for step in range(2):
+            x, y = local_batch(step, rank)
+            optimizer.zero_grad(set_to_none=True)
+            _, outputs = model(x)
+            losses = {t: v for t, v in task_losses(outputs, y).items() if t != "b"}
+            report = strategy.backward(losses, shared_params=inner.trunk.parameters())
+            optimizer.step()
+        out[name] = {
+            "weights": report.weight_values.clone(),
+            "params": [p.detach().clone() for p in inner.parameters()],
+            "head_b_same": all(
+                torch.equal(a, b) for a, b in zip(head_b, inner.heads["b"].parameters())
+            ),
+            "tasks": list(report.tasks),
+        }
+    return out
+
+
 def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]) -> None:
     torch.set_num_threads(1)
     # A timeout turns a rank left waiting in a collective into an error instead of a hang.
@@ -172,6 +200,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]
                     dist.barrier()
         results["faults"] = _faults(rank)
         results["overflow"] = _overflow(rank)
+        results["partial"] = _partial(rank)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -257,6 +286,16 @@ def test_overflow_on_one_rank_is_skipped_by_every_rank(
         assert result["state_same"], f"rank {rank}: the strategy state changed on an overflow"
         assert result["params_same"], f"rank {rank}: the optimizer stepped on an overflow"
         assert result["scale"] == 2.0**15, "GradScaler did not back off"
+
+
+def test_partial_labels_under_ddp(runs: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+    first, second = (r["partial"] for r in runs[0])
+    for name, result in first.items():
+        assert result["tasks"] == ["a", "c"]
+        assert result["head_b_same"], f"{name}: the absent task's head moved"
+        assert torch.equal(result["weights"], second[name]["weights"])
+        for a, b in zip(result["params"], second[name]["params"]):
+            assert torch.equal(a, b), f"{name}: ranks differ after partial-label steps"
 
 
 def test_no_communication_without_torch_distributed() -> None:

@@ -36,6 +36,13 @@ How it works (the base classes call the two functions below; no strategy has to)
   others waiting in a collective. Every rank must pass the same tasks in a step (checked in the
   same collective; a mismatch raises :class:`~taskbalance.StrategyError` on every rank).
 
+Partial labels work as in one process if every rank passes the same tasks in a step; the heads
+of absent tasks then get no gradient, so build DDP with ``find_unused_parameters=True``. Random
+strategies (RLW, PCGrad's order, GradDrop's masks) draw from a generator in the strategy's
+state: seed torch identically on every rank before building them (or load the same checkpoint)
+and the ranks draw the same numbers. :class:`~taskbalance.accumulation.GradientAccumulator`
+reduces once per optimizer step, in ``step()``, whatever the number of micro-batches.
+
 Evaluation (``s(losses)`` without a graph, under ``torch.no_grad()`` or in ``.eval()`` mode)
 never communicates, so evaluating on rank 0 only is safe; its statistics are the local ones.
 Set ``strategy.process_group`` to a process group to reduce over that group, or to
