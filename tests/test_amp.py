@@ -10,7 +10,8 @@ Every registered strategy, both backward paths:
   generators) is exactly as before, the scale backs off, and the next step equals the step of a
   run that never met the overflow;
 * under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the weights and the update stay close to
-  the float32 ones.
+  the float32 ones;
+* ``TaskOptimizers(strategy=...)`` with a scaler: the same two guarantees.
 """
 
 from __future__ import annotations
@@ -171,3 +172,46 @@ def test_bf16_autocast_on_cpu_is_close_to_float32(name: str, path: str) -> None:
     assert cosine > 0.99, f"bf16 update points elsewhere (cosine {cosine:.4f})"
     ratio = flat_half.norm() / flat_full.norm()
     assert 0.9 < ratio < 1.1, f"bf16 update norm ratio {ratio:.3f}"
+
+
+def _task_optimizers(problem: ToyProblem, name: str) -> tb.TaskOptimizers:
+    torch.manual_seed(0)
+    return tb.TaskOptimizers(
+        {t: torch.optim.SGD(problem.heads[t].parameters(), lr=0.05) for t in TASKS},
+        shared=torch.optim.SGD(problem.trunk.parameters(), lr=0.05),
+        strategy=name,
+    )
+
+
+@pytest.mark.parametrize("name", tb.list_strategies())
+def test_task_optimizers_with_a_scaler(name: str) -> None:
+    """TaskOptimizers(strategy=...): a fixed scale changes nothing; an overflow skips every
+    optimizer and leaves the strategy's state as it was."""
+    (plain, _), (scaled, overflow) = _problem(), _problem()
+    opt_plain, opt_scaled = _task_optimizers(plain, name), _task_optimizers(scaled, name)
+    scaler = _fixed_scaler()
+    for step in range(3):
+        for problem, optimizers, amp in ((plain, opt_plain, None), (scaled, opt_scaled, scaler)):
+            optimizers.zero_grad()
+            losses, _ = problem.losses(step)
+            optimizers.backward(losses, scaler=amp)
+            optimizers.step()
+            if amp is not None:
+                amp.update()
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(a, b), "a fixed scale changed the update"
+
+    assert opt_scaled.strategy is not None
+    state = _state(opt_scaled.strategy)
+    params = [p.detach().clone() for p in scaled.parameters()]
+    overflow.active = True
+    opt_scaled.zero_grad()
+    losses, _ = scaled.losses(3)
+    opt_scaled.backward(losses, scaler=scaler)
+    opt_scaled.step()
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9
+    for a, b in zip(params, scaled.parameters()):
+        assert torch.equal(a, b), "an optimizer stepped on an overflow"
+    for key, value in state.items():
+        assert torch.equal(value, _state(opt_scaled.strategy)[key]), f"state {key!r} changed"

@@ -94,9 +94,7 @@ def test_bad_losses_name_the_culprit_and_change_nothing(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_losses_on_another_device_than_the_state(name: str) -> None:
     strategy = _make(name)
-    if next(iter(strategy.state_dict().values()), None) is None or not any(
-        True for _ in strategy._state_tensors()
-    ):
+    if not any(True for _ in strategy._state_tensors()):
         pytest.skip("no state tensors: nothing to be on another device")
     losses = {t: torch.ones((), device="meta", requires_grad=True) for t in TASKS}
     with pytest.raises(tb.StrategyError, match=r"strategy.to\('meta'\)"):
