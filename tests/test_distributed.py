@@ -17,6 +17,7 @@ instead of leaving one waiting in a collective, and that an overflow injected on
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import tempfile
@@ -76,6 +77,30 @@ def task_losses(outputs: dict[str, Tensor], y: Tensor) -> dict[str, Tensor]:
     }
 
 
+@contextlib.contextmanager
+def count_collectives() -> Iterator[dict[str, int]]:
+    """Count the Python-level collectives (taskbalance's; DDP's reducer runs in C++)."""
+    counts = {"all_reduce": 0, "all_gather": 0, "small": 0}
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather")}
+
+    def counting(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            tensor = args[1] if name == "all_gather" else args[0]
+            # The loss vector (2T numbers) apart from the Jacobian-sized traffic.
+            counts["small" if tensor.numel() <= 2 * len(TASKS) else name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in originals:
+        setattr(dist, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
 def train(name: str, path: str, model: nn.Module, inner: Net, rank: int | None) -> dict[str, Any]:
     """STEPS steps of SGD; ``rank`` None trains on the whole batch in one process."""
     strategy = tb.create_strategy(name, TASKS)
@@ -86,15 +111,19 @@ def train(name: str, path: str, model: nn.Module, inner: Net, rank: int | None) 
         optimizer.zero_grad()
         features, outputs = model(x)
         losses = task_losses(outputs, y)
-        if path == "features":
-            report = strategy.backward(losses, features=features)
-        else:
-            report = strategy.backward(losses, shared_params=inner.trunk.parameters())
+        with count_collectives() as counted:
+            if path == "features":
+                report = strategy.backward(losses, features=features)
+            else:
+                report = strategy.backward(losses, shared_params=inner.trunk.parameters())
         optimizer.step()
         weights.append(report.weight_values.detach().clone())
     return {
         "weights": torch.stack(weights),
         "losses": report.loss_values.detach().clone(),
+        "collectives": torch.tensor(
+            [counted["small"], counted["all_reduce"], counted["all_gather"]]
+        ),
         "params": [p.detach().clone() for p in inner.parameters()],
         "state": {k: v.clone() for k, v in strategy.state_dict().items() if isinstance(v, Tensor)},
     }
@@ -267,6 +296,26 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(
         torch.testing.assert_close(
             ranked["state"][key], value, rtol=1e-4, atol=1e-6, msg=f"state {key!r}"
         )
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", tb.list_strategies())
+def test_one_sync_point_per_step(
+    runs: tuple[list[dict[str, Any]], dict[str, Any]], name: str, path: str
+) -> None:
+    """The communication documented in taskbalance.distributed: an all-reduce of the loss vector
+    (2T numbers) per ``gather``; gradient methods add one all-reduce of the Jacobian
+    (shared_params) or one all-gather of its blocks after one of their sizes (features). DDP's
+    reducer comes on top (C++, not counted). db_mtl gathers twice (two tiny all-reduces)."""
+    ranked, _ = _result(runs[0], f"{name}/{path}")
+    small, reduces, gathers = ranked["collectives"].tolist()
+    assert small == (2 if name == "db_mtl" else 1) + (path == "features" and gathers > 0)
+    if not tb.registry.strategy_info(name).needs_grads:
+        assert (reduces, gathers) == (0, 0)
+    elif path == "shared_params":
+        assert (reduces, gathers) == (1, 0)
+    else:
+        assert (reduces, gathers) == (0, 1)
 
 
 def test_fault_on_one_rank_raises_on_every_rank(
