@@ -58,9 +58,8 @@ class UPGrad(GradientAggregation):
     where ``Π_C(Jᵀu) = Jᵀw(u)`` with ``w(u) = argmin_{w ≥ u} ½ wᵀ G w``, ``G = J Jᵀ``
     (:func:`taskbalance.cone.project_weights`). So ``d = Jᵀ Σ_i p_i w(e_i)``: a weighting of the
     Gramian, and ``backward`` finishes with one backward of ``Σ_i w_i L_i``. Properties from the
-    paper: ``J d ≥ 0`` (non-conflicting), ``d`` is a non-negative combination of the gradients,
-    and scaling a task's loss does not change the direction's conflict-freeness; ``d`` is
-    positively homogeneous in ``J``: ``d(sJ) = s·d(J)``.
+    paper: ``J d ≥ 0`` (non-conflicting), ``d`` is a non-negative combination of the gradients
+    (``w ≥ p ≥ 0``), and ``d`` is positively homogeneous in ``J``: ``d(sJ) = s·d(J)``.
 
     Arguments (TorchJD's ``UPGrad`` has the same three knobs):
 
