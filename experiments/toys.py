@@ -189,7 +189,7 @@ def min_norm_two(g1: Tensor, g2: Tensor) -> Tensor:
     return (a * g1 + (1 - a) * g2).norm(dim=-1)
 
 
-def pareto_set(points: int = 1401, iterations: int = 60) -> Tensor:
+def pareto_set(points: int = 1401, iterations: int = 40) -> Tensor:
     """Points ``[points, 2]`` (float64) of the toy's Pareto set, ``x1`` evenly in ``[−7, 7]``.
 
     For ``θ₂ < 0`` the losses are ``c₂(θ₂)·g_i(θ)``; a Pareto-stationary point has
