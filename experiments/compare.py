@@ -91,7 +91,7 @@ class CompareConfig(RunConfig):
     quick: bool = field(
         default=False, metadata={"help": f"smoke run: {QUICK_STEPS} steps, first seed only"}
     )
-    epochs: int = field(default=8, metadata={"help": "training epochs per run"})
+    epochs: int = field(default=6, metadata={"help": "training epochs per run"})
     steps: int | None = field(default=None, metadata={"help": "training steps (overrides epochs)"})
     batch_size: int = 64
     lr: float = field(default=2e-3, metadata={"help": "Adam learning rate of the model"})
@@ -103,10 +103,10 @@ class CompareConfig(RunConfig):
     )
     baselines: bool = field(default=True, metadata={"help": "train the single-task baselines"})
     timing_rounds: int = field(
-        default=4, metadata={"help": "round-robin passes of the side-by-side step timing"}
+        default=3, metadata={"help": "round-robin passes of the side-by-side step timing"}
     )
     timing_steps: int = field(
-        default=25, metadata={"help": "steps per method and pass (0: no timing phase)"}
+        default=20, metadata={"help": "steps per method and pass (0: no timing phase)"}
     )
     pairs_per_image: int = field(default=4, metadata={"help": "Multi-Digits pairs per train image"})
     test_pairs_per_image: int = field(
