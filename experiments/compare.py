@@ -22,9 +22,11 @@ accuracy of each task, mean ± std over the seeds, and
 
 Gradient-level strategies (``needs_grads``) take their per-task gradients with respect to the
 shared features by default (``--grad-source features``: MGDA-UB style, cheap), or the whole
-trunk (``--grad-source shared_params``); the table says which. The gradient-conflict
-diagnostics (``grad/cos/left-right``, ...) are always computed on the trunk's parameters,
-every ``--diagnostics-every`` steps, outside the timed part of the step.
+trunk (``--grad-source shared_params``); the table says which. MoCo and DB-MTL always use the
+trunk's parameters (they average each task's gradient over steps, which has no meaning for
+feature gradients of changing batches). The gradient-conflict diagnostics
+(``grad/cos/left-right``, ...) are always computed on the trunk's parameters, every
+``--diagnostics-every`` steps, outside the timed part of the step.
 
 W&B (offline by default, under ``<out>/wandb``): one run per (strategy, seed) in group
 ``--wandb-group`` (default ``compare-<time>``), one ``log`` call per step with
@@ -77,6 +79,17 @@ from taskbalance.registry import strategy_info
 
 QUICK_STEPS = 50
 SINGLE = "single-task"
+# Strategies that average each task's gradient over steps (MoCo's tracked gradients, DB-MTL's
+# EMA): the entries of a gradient w.r.t. the features belong to other examples in every batch,
+# so an average over steps means nothing there. They always use the trunk's parameters.
+PARAMETER_GRADIENTS = frozenset({"moco", "db_mtl"})
+
+
+def gradient_source(method: str, grad_source: str) -> str | None:
+    """What ``method`` differentiates: None (loss-level), "features" or "shared_params"."""
+    if method.startswith(f"{SINGLE}:") or not strategy_info(method).needs_grads:
+        return None
+    return "shared_params" if method in PARAMETER_GRADIENTS else grad_source
 
 
 @dataclass
@@ -187,7 +200,7 @@ class Setup:
     model: MultiDigitsNet
     optimizer: torch.optim.Optimizer
     strategy: tb.Strategy | None
-    needs_grads: bool
+    source: str | None  # None, "features" or "shared_params"
 
     @classmethod
     def build(cls, config: CompareConfig, method: str, tasks: Sequence[str]) -> Setup:
@@ -197,8 +210,8 @@ class Setup:
         model = MultiDigitsNet(tasks).to(config.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
         strategy = None if single else tb.create_strategy(method, tasks).to(config.device)
-        needs_grads = strategy is not None and strategy_info(method).needs_grads
-        return cls(method, tasks, model, optimizer, strategy, needs_grads)
+        source = gradient_source(method, config.grad_source)
+        return cls(method, tasks, model, optimizer, strategy, source)
 
     def forward(
         self, inputs: Tensor, targets: dict[str, Tensor]
@@ -206,17 +219,15 @@ class Setup:
         features, logits = self.model(inputs)
         return features, {t: F.cross_entropy(logits[t], targets[t]) for t in self.tasks}
 
-    def update(
-        self, features: Tensor, losses: dict[str, Tensor], grad_source: str
-    ) -> tb.StepReport | None:
+    def update(self, features: Tensor, losses: dict[str, Tensor]) -> tb.StepReport | None:
         """Backward with the strategy (plain backward for single-task) and the optimizer step."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.strategy is None:
             losses[self.tasks[0]].backward()
             report = None
-        elif not self.needs_grads:
+        elif self.source is None:
             report = self.strategy.backward(losses)
-        elif grad_source == "features":
+        elif self.source == "features":
             report = self.strategy.backward(losses, features=features)
         else:
             report = self.strategy.backward(losses, shared_params=self.model.shared_parameters())
@@ -293,7 +304,7 @@ def train_run(
                 result.cosine.append((step, record[f"grad/cos/{pair}"]))
 
         began = time.perf_counter()
-        report = setup.update(features, losses, config.grad_source)
+        report = setup.update(features, losses)
         result.step_seconds.append(forward_seconds + time.perf_counter() - began)
 
         if report is None:
@@ -350,7 +361,7 @@ def time_steps(
                 try:
                     began = time.perf_counter()
                     features, losses = setup.forward(inputs, targets)
-                    setup.update(features, losses, config.grad_source)
+                    setup.update(features, losses)
                     seconds[method].append(time.perf_counter() - began)
                 except Exception:
                     del setups[method]
@@ -468,7 +479,7 @@ def summarise(
             "kind": "gradient"
             if isinstance(info.cls, type) and issubclass(info.cls, tb.GradientAggregation)
             else "loss",
-            "grads": grad_source if info.needs_grads else "–",
+            "grads": gradient_source(method, grad_source) or "–",
         }
         for task in tasks:
             row[f"{task}_acc_mean"], row[f"{task}_acc_std"] = _mean_std(
@@ -652,7 +663,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print(
         f"[compare] Multi-Digits: {len(data.train_images)} train / {len(data.test_images)} test "
         f"pairs; {len(methods)} strategies × seeds {config.seeds}, {steps} steps each; "
-        f"gradient-level strategies use {config.grad_source}=; W&B {config.wandb_mode} "
+        f"gradient-level strategies use {config.grad_source}= (moco, db_mtl: shared_params=); "
+        f"W&B {config.wandb_mode} "
         f"(group {group})",
         flush=True,
     )

@@ -176,6 +176,16 @@ def test_delta_m_definition() -> None:
     assert compare.delta_m({"a": 0.5}, {"a": 0.4}) == pytest.approx(25.0)
 
 
+def test_gradient_source_per_strategy() -> None:
+    assert compare.gradient_source("equal", "features") is None  # loss-level: no gradients
+    assert compare.gradient_source("single-task:left", "features") is None
+    assert compare.gradient_source("mgda", "features") == "features"
+    assert compare.gradient_source("mgda", "shared_params") == "shared_params"
+    for name in compare.PARAMETER_GRADIENTS & set(tb.list_strategies()):
+        # running averages of per-task gradients need the same entries at every step
+        assert compare.gradient_source(name, "features") == "shared_params"
+
+
 # --------------------------------------------------------------------------- tracking
 def test_tracker_records_what_was_logged(tmp_path: Path) -> None:
     tracker = start_tracking(Example(out=str(tmp_path)), name="probe", group="grp")
