@@ -30,15 +30,23 @@ What the checks expect of a strategy:
 from __future__ import annotations
 
 import copy
+import functools
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from taskbalance.registry import create_strategy
-from taskbalance.strategy import GradientAggregation, NonFiniteLossError, Strategy, StrategyError
+from taskbalance.strategy import (
+    GradientAggregation,
+    LossWeighting,
+    NonFiniteLossError,
+    Strategy,
+    StrategyError,
+)
 
 __all__ = ["CHECKS", "ToyProblem", "check_strategy"]
 
@@ -97,7 +105,7 @@ class ToyProblem:
     def sgd_step(self, lr: float = 0.05) -> None:
         for p in self.parameters():
             if p.grad is not None:
-                p -= lr * p.grad
+                p.sub_(lr * p.grad)
 
 
 def _step(
@@ -199,6 +207,7 @@ def check_forward_matches_backward(factory: Factory) -> None:
             mine, theirs, msg="s(losses).backward() differs from s.backward(losses)"
         )
     _assert_same_state(_state(strategy), _state(twin), "forward path vs backward path")
+    assert isinstance(twin, LossWeighting)
     detached, index = torch.stack(list(losses.values())).detach(), torch.arange(len(TASKS))
     probe = detached.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(twin.objective(probe, index), probe)
@@ -247,7 +256,7 @@ def check_nonfinite(factory: Factory) -> None:
             before = _state(strategy)
             losses, features = problem.losses(3)
             losses["b"] = losses["b"] * bad
-            kwargs = (
+            kwargs: dict[str, Any] = (
                 {"features": features}
                 if path == "features"
                 else {"shared_params": problem.trunk.parameters()}
@@ -255,7 +264,7 @@ def check_nonfinite(factory: Factory) -> None:
             _expect_error(
                 NonFiniteLossError,
                 "'b'",
-                lambda s=strategy, losses=losses, kwargs=kwargs: s.backward(losses, **kwargs),
+                functools.partial(strategy.backward, losses, **kwargs),
                 f"{bad} loss",
             )
             _assert_same_state(before, _state(strategy), f"{bad} loss")
@@ -265,7 +274,7 @@ def check_nonfinite(factory: Factory) -> None:
 def check_bad_input(factory: Factory) -> None:
     strategy, problem = factory(TASKS), ToyProblem.create(TASKS)
     losses, features = problem.losses(0)
-    kwargs = {"features": features}
+    kwargs: dict[str, Any] = {"features": features}
     _expect_error(
         StrategyError,
         "'zzz'",
@@ -282,9 +291,9 @@ def check_bad_input(factory: Factory) -> None:
     _expect_error(
         StrategyError,
         "mapping",
-        lambda: strategy.backward(list(losses.values()), **kwargs),
+        lambda: strategy.backward(list(losses.values()), **kwargs),  # type: ignore[arg-type]
         "a list of losses",
-    )  # type: ignore[arg-type]
+    )
     detached = {t: v.detach() for t, v in losses.items()}
     _expect_error(
         StrategyError,
