@@ -517,6 +517,7 @@ class ToyRun:
     trajectories: Tensor  # [starts, records, 2]
     final: Tensor  # [starts, 2]
     seconds: float
+    errors: dict[int, str] = field(default_factory=dict)  # start -> "step k: message"
 
 
 def run_toy(
@@ -547,15 +548,31 @@ def run_toy(
     tracker = start_tracking(
         config, group=group, name=f"{group.removeprefix('reproduce-')}/{method}"
     )
+    errors: dict[int, str] = {}
+
+    def fail(k: int, step: int, error: tb.StrategyError) -> None:
+        # A start whose strategy raises stops where it is (its grad stays None, so Adam leaves
+        # it); the other starts go on and the error is reported with the step.
+        errors[k] = f"step {step}: {str(error).splitlines()[0][:300]}"
+        points[k].grad = None
+
     start = time.perf_counter()
     for step in range(steps):
         optimizer.zero_grad()
+        live = [k for k in range(len(starts)) if k not in errors]
+        if not live:
+            break
         if path == "backward":
             rows = []
-            for point, strategy in zip(points, strategies):
+            for k, (point, strategy) in enumerate(zip(points, strategies)):
                 losses = cagrad_losses(point, scale)
-                strategy.backward({"f1": losses[0], "f2": losses[1]}, shared_params=[point])
                 rows.append(losses.detach())
+                if k in errors:
+                    continue
+                try:
+                    strategy.backward({"f1": losses[0], "f2": losses[1]}, shared_params=[point])
+                except tb.StrategyError as error:
+                    fail(k, step, error)
             values = torch.stack(rows)
         else:
             losses = cagrad_losses(torch.stack(points), scale)
@@ -563,14 +580,21 @@ def run_toy(
             if gradient_level:
                 g1 = torch.autograd.grad(losses[:, 0].sum(), points, retain_graph=True)
                 g2 = torch.autograd.grad(losses[:, 1].sum(), points)
-                for k, (point, strategy) in enumerate(zip(points, strategies)):
+                for k in live:
                     jacobian = torch.stack([g1[k], g2[k]])
-                    point.grad = strategy.aggregate(jacobian, values[k])  # type: ignore[operator]
+                    try:
+                        points[k].grad = strategies[k].aggregate(jacobian, values[k])  # type: ignore[operator]
+                    except tb.StrategyError as error:
+                        fail(k, step, error)
             else:
-                total = sum(
-                    s({"f1": losses[k, 0], "f2": losses[k, 1]}) for k, s in enumerate(strategies)
-                )
-                total.backward()  # type: ignore[union-attr]
+                totals = []
+                for k in live:
+                    try:
+                        totals.append(strategies[k]({"f1": losses[k, 0], "f2": losses[k, 1]}))
+                    except tb.StrategyError as error:
+                        fail(k, step, error)
+                if totals:
+                    torch.stack(totals).sum().backward()
         optimizer.step()
         if step % record_every == 0:
             with torch.no_grad():
@@ -585,9 +609,9 @@ def run_toy(
     seconds = time.perf_counter() - start
     final = torch.stack([p.detach().clone() for p in points])
     records[:, -1] = final
-    tracker.summary({"seconds": seconds})
+    tracker.summary({"seconds": seconds, "errors": len(errors)})
     tracker.finish()
-    return ToyRun(method, records, final, seconds)
+    return ToyRun(method, records, final, seconds, errors)
 
 
 def _toy_summary(run: ToyRun, front: Tensor, scale: tuple[float, float]) -> dict[str, Any]:
@@ -607,6 +631,7 @@ def _toy_summary(run: ToyRun, front: Tensor, scale: tuple[float, float]) -> dict
         .norm(dim=1)
         .tolist(),
         "seconds": run.seconds,
+        "errors": {str(k): v for k, v in run.errors.items()},
     }
 
 

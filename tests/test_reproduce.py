@@ -146,6 +146,28 @@ def test_verdict_rules() -> None:
     assert result([], []).verdict == "not reproduced"  # nothing checked, nothing reproduced
 
 
+def test_toy_paths_agree_and_a_failing_start_stops_alone() -> None:
+    config = reproduce.ReproduceConfig(wandb_mode="disabled")
+    starts = [(0.0, PARETO_X2), (9.0, 9.0), (-8.5, -5.0)]
+
+    def run(method: str, path: str, **kwargs: float) -> reproduce.ToyRun:
+        return reproduce.run_toy(
+            config, method, kwargs, starts, steps=5, scale=(0.1, 1.0), path=path, group="t"
+        )
+
+    # A user's loop (backward per start) and the batched one take the same steps.
+    for method, kwargs in (("equal", {}), ("famo", {"gamma": 0.0, "min_losses": -21.0})):
+        batched, loop = run(method, "batched", **kwargs), run(method, "backward", **kwargs)
+        assert torch.allclose(batched.final, loop.final, atol=1e-6)
+        assert not batched.errors
+    # Nash-MTL has no bargaining solution for opposite gradients (the mean-loss optimum): that
+    # start stops with the error and where it was; the others go on.
+    nash = run("nash_mtl", "batched")
+    assert set(nash.errors) == {0} and nash.errors[0].startswith("step 0: Nash-MTL")
+    assert nash.final[0].tolist() == pytest.approx([0.0, PARETO_X2])
+    assert (nash.final[1:] != torch.tensor(starts[1:])).all()
+
+
 def test_unknown_reproduction_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as error:
         main(["kendal_toy", "--wandb-mode", "disabled"])
