@@ -14,11 +14,11 @@ accuracy of each task, mean ± std over the seeds, and
   (one network per task, same trunk, head, optimizer, steps and seeds) are trained by this
   script. Δm is computed per seed against the single-task accuracy averaged over the seeds,
   then reported as mean ± std; positive means better than single-task;
-* the median time of a training step (forward, strategy backward, optimizer step), measured
-  side by side after the training runs (:func:`time_steps`: round-robin passes over all methods
-  on the same batches, so a change of machine load hits every method alike), and its ratio to
-  equal weighting. The CSV also has ``train_step_ms``, the median during the training runs
-  (logging and diagnostics excluded), which is exposed to load changes between runs.
+* the time of a training step (forward, strategy backward, optimizer step), measured side by
+  side after the training runs (:func:`time_steps`: one step of every method in turn, on the
+  same batch, so a change of machine load hits every method alike; lower quartile of the step
+  times), and its ratio to equal weighting. The CSV also has ``train_step_ms``, the median
+  during the training runs (logging and diagnostics excluded), exposed to load changes.
 
 Gradient-level strategies (``needs_grads``) take their per-task gradients with respect to the
 shared features by default (``--grad-source features``: MGDA-UB style, cheap), or the whole
@@ -115,11 +115,8 @@ class CompareConfig(RunConfig):
         default=25, metadata={"help": "steps between grad/cos diagnostics (0: never)"}
     )
     baselines: bool = field(default=True, metadata={"help": "train the single-task baselines"})
-    timing_rounds: int = field(
-        default=3, metadata={"help": "round-robin passes of the side-by-side step timing"}
-    )
     timing_steps: int = field(
-        default=20, metadata={"help": "steps per method and pass (0: no timing phase)"}
+        default=100, metadata={"help": "steps per method of the side-by-side timing (0: none)"}
     )
     pairs_per_image: int = field(default=4, metadata={"help": "Multi-Digits pairs per train image"})
     test_pairs_per_image: int = field(
@@ -135,7 +132,7 @@ class CompareConfig(RunConfig):
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "pairs_per_image", "test_pairs_per_image", "threads")
-        for name in (*positive, "timing_rounds"):
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.timing_steps < 0:
@@ -338,10 +335,15 @@ def train_run(
 def time_steps(
     config: CompareConfig, data: MultiDigits, methods: Sequence[str]
 ) -> dict[str, float]:
-    """Median ms per training step (forward, strategy backward, optimizer step) of each method,
-    measured side by side: ``timing_rounds`` round-robin passes over the methods, each method
-    taking ``timing_steps`` steps per pass on the same batches, so that a change of machine load
-    hits every method alike. A method that fails gets NaN (its runs report the error)."""
+    """ms per training step (forward, strategy backward, optimizer step) of each method, measured
+    side by side: ``timing_steps`` rounds, each taking one step of every method, in a shuffled
+    order, on the same batch, so that a change of machine load hits every method alike.
+
+    The statistic is the lower quartile of the per-step times after 5 warm-up rounds: on a
+    shared machine other processes only ever add time to a step (the reason ``timeit`` reports
+    a minimum), and a quartile still reflects steps whose cost varies (iterative solvers). A
+    method that fails gets NaN (its runs report the error).
+    """
     images, labels = data.train_images, data.train_labels
     setups: dict[str, Setup] = {}
     for method in methods:
@@ -351,27 +353,31 @@ def time_steps(
         except Exception:
             continue
     seconds: dict[str, list[float]] = {m: [] for m in setups}
-    for round_ in range(config.timing_rounds):
-        for method, setup in list(setups.items()):
-            for k in range(config.timing_steps):
-                step = round_ * config.timing_steps + k
-                index = batch_indices(len(images), config.batch_size, seed=0, step=step)
-                index = index.to(images.device)
-                inputs, targets = images[index], {t: labels[t][index] for t in setup.tasks}
-                try:
-                    began = time.perf_counter()
-                    features, losses = setup.forward(inputs, targets)
-                    setup.update(features, losses)
-                    seconds[method].append(time.perf_counter() - began)
-                except Exception:
-                    del setups[method]
-                    seconds[method] = []
-                    break
-    # The first pass warms up caches and allocators: leave it out when there are more.
-    skip = config.timing_steps if config.timing_rounds > 1 else 0
-    return {
-        m: 1000 * statistics.median(s[skip:]) if s[skip:] else math.nan for m, s in seconds.items()
-    } | {m: math.nan for m in methods if m not in seconds}
+    shuffle = torch.Generator().manual_seed(0)
+    for step in range(config.timing_steps):
+        index = batch_indices(len(images), config.batch_size, seed=0, step=step)
+        index = index.to(images.device)
+        names = list(setups)
+        for position in torch.randperm(len(names), generator=shuffle).tolist():
+            method = names[position]
+            setup = setups[method]
+            inputs, targets = images[index], {t: labels[t][index] for t in setup.tasks}
+            try:
+                began = time.perf_counter()
+                features, losses = setup.forward(inputs, targets)
+                setup.update(features, losses)
+                seconds[method].append(time.perf_counter() - began)
+            except Exception:
+                del setups[method]
+                seconds[method] = []
+    warm_up = min(5, config.timing_steps // 2)
+    quartiles = {
+        m: 1000 * statistics.quantiles(s[warm_up:], n=4, method="inclusive")[0]
+        if len(s) - warm_up >= 2
+        else math.nan
+        for m, s in seconds.items()
+    }
+    return quartiles | {m: math.nan for m in methods if m not in seconds}
 
 
 def median_ms(seconds: Sequence[float]) -> float:
@@ -631,15 +637,14 @@ def tradeoff_figure(numeric: Sequence[dict[str, Any]]) -> Any:
 # --------------------------------------------------------------------------- main
 def resolve(config: CompareConfig) -> CompareConfig:
     """Apply --quick: the first seed, QUICK_STEPS steps (unless --steps is given) and a short
-    timing phase (2 passes of at most 5 steps)."""
+    timing phase (at most 12 steps per method)."""
     if not config.quick:
         return config
     return dataclasses.replace(
         config,
         seeds=config.seeds[:1],
         steps=config.steps or QUICK_STEPS,
-        timing_rounds=min(config.timing_rounds, 2),
-        timing_steps=min(config.timing_steps, 5),
+        timing_steps=min(config.timing_steps, 12),
     )
 
 

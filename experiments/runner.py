@@ -26,6 +26,7 @@ import os
 import random
 import struct
 import sys
+import time
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -495,6 +496,8 @@ def _wandb_records(path: Path) -> Iterator[bytes]:
             continue
         _, length, kind = _RECORD_HEADER.unpack_from(data, position)
         position += _RECORD_HEADER.size
+        if position + length > len(data):  # a record still being written
+            return
         chunk = data[position : position + length]
         position += length
         if kind == _FULL:
@@ -516,25 +519,38 @@ def _item_key(item: Any) -> str:
     return item.key if item.key else "/".join(item.nested_key)
 
 
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+def read_offline_run(run_dir: str | Path, *, timeout: float = 30.0) -> dict[str, Any]:
     """What W&B recorded in an offline run folder (``<dir>/wandb/offline-run-*``).
 
-    Returns ``{"name", "group", "project", "job_type", "config": {...}, "history": [{key: value,
-    "_step": n}, ...], "summary": {...}}``,
-    decoded from the run's ``.wandb`` record file (offline runs write config and summary only
-    there). Meant for tests and for inspecting a run without uploading it.
+    Returns ``{"name", "group", "project", "job_type", "complete", "config": {...},
+    "history": [{key: value, "_step": n}, ...], "summary": {...}}``, decoded from the run's
+    ``.wandb`` record file (offline runs write config and summary only there). W&B's service
+    writes the file asynchronously; this waits up to ``timeout`` seconds for the run's exit
+    record (``complete`` says whether it came). Meant for tests and for inspecting a run
+    without uploading it.
     """
+    folder = Path(run_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(folder.glob("*.wandb"))
+        if files:
+            decoded = _decode_run(files[0])
+            if decoded["complete"] or time.monotonic() > deadline:
+                return decoded
+        elif time.monotonic() > deadline:
+            raise FileNotFoundError(f"no .wandb record file in {folder}")
+        time.sleep(0.1)
+
+
+def _decode_run(path: Path) -> dict[str, Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    folder = Path(run_dir)
-    files = sorted(folder.glob("*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"no .wandb record file in {folder}")
     run: dict[str, Any] = {}
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    for raw in _wandb_records(files[0]):
+    complete = False
+    for raw in _wandb_records(path):
         record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf class
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
@@ -553,10 +569,12 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
                 summary[_item_key(item)] = json.loads(item.value_json)
             for item in record.summary.remove:
                 summary.pop(_item_key(item), None)
+        elif kind == "exit":
+            complete = True
     # W&B wraps each config value as {"value": v}.
     config = {
         k: v["value"] if isinstance(v, dict) and set(v) == {"value"} else v
         for k, v in config.items()
         if not k.startswith("_")
     }
-    return {**run, "config": config, "history": history, "summary": summary}
+    return {**run, "complete": complete, "config": config, "history": history, "summary": summary}

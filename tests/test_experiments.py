@@ -197,6 +197,7 @@ def test_tracker_records_what_was_logged(tmp_path: Path) -> None:
     assert not tracker.active
     tracker.log({"ignored": 1.0})  # after finish: a no-op, no error
     record = read_offline_run(tracker.run_dir)
+    assert record["complete"]
     assert (record["name"], record["group"]) == ("probe", "grp")
     assert record["config"]["steps"] == 10 and record["config"]["seeds"] == [0, 1, 2]
     losses = [row["train/loss/left"] for row in record["history"]]
@@ -390,7 +391,7 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
     runs = _offline_runs(out)
     expected = {"single-task:left-s0", "single-task:right-s0", "comparison"}
     assert set(runs) == expected | {f"{m}-s0" for m in methods}
-    assert all(r["group"] == "test" for r in runs.values())
+    assert all(r["group"] == "test" and r["complete"] for r in runs.values())
     equal = runs["equal-s0"]
     assert equal["config"]["strategies"] == methods and equal["config"]["steps"] == 12
     history = equal["history"]
