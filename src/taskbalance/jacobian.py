@@ -373,7 +373,9 @@ def task_gramian(
     edges = [GradientEdge(layer.node, 0) for layer in layers]
     outputs: list[list[Tensor]] = [[] for _ in range(len(layers) + len(rest))]
     targets: list[Tensor | GradientEdge] = [*edges, *rest]
-    shapes = [(layer.inputs.shape[0], layer.weight.shape[0]) for layer in layers]
+    shapes: list[tuple[int, ...]] = [
+        (layer.inputs.shape[0], layer.weight.shape[0]) for layer in layers
+    ]
     shapes += [tuple(t.shape) for t in rest]
     for i in range(count):
         root: Tensor | GradientEdge | None = losses[i] if roots is None else roots[i]
@@ -384,7 +386,7 @@ def task_gramian(
         else:
             grads = torch.autograd.grad(
                 root,  # type: ignore[arg-type]
-                targets,
+                targets,  # type: ignore[arg-type]  # torch accepts a mix of tensors and edges
                 grad_outputs=one,
                 retain_graph=keep,
                 allow_unused=True,
