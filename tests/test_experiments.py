@@ -222,6 +222,31 @@ def test_tracker_falls_back_when_wandb_init_fails(monkeypatch, capsys, tmp_path:
     assert len(err) == 1 and "W&B could not start (RuntimeError: no network)" in err[0]
 
 
+def test_tracker_adapts_to_older_wandb_options(monkeypatch) -> None:
+    import wandb
+
+    calls = []
+
+    class FakeRun:
+        dir = None
+
+    def old_init(**kwargs):
+        calls.append(kwargs["reinit"])
+        if kwargs["reinit"] == "create_new":
+            raise ValueError("reinit must be a boolean")
+        return FakeRun()
+
+    def old_settings(**options):
+        if "x_disable_stats" in options:
+            raise TypeError("unexpected keyword x_disable_stats")
+        return options
+
+    monkeypatch.setattr(wandb, "init", old_init)
+    monkeypatch.setattr(wandb, "Settings", old_settings)
+    tracker = tb_wandb.start_run({}, mode="offline")
+    assert tracker.active and calls == ["create_new", True]
+
+
 def test_tracker_falls_back_without_wandb(monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     tracker = tb_wandb.start_run({}, mode="offline")

@@ -136,6 +136,28 @@ def _figure_pixels(figure: Any) -> Any:
     return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
+def _settings(wandb: Any, init_timeout: float) -> Any:
+    """Quiet, fast settings: no system metrics, console capture or code saving (they cost time in
+    short runs); the option names of older wandb versions differ, so fall back step by step."""
+    for options in (
+        {
+            "silent": True,
+            "console": "off",
+            "init_timeout": init_timeout,
+            "x_disable_stats": True,
+            "x_disable_meta": True,
+            "save_code": False,
+        },
+        {"silent": True, "console": "off", "init_timeout": init_timeout},
+        {"silent": True},
+    ):
+        try:
+            return wandb.Settings(**options)
+        except Exception:
+            continue
+    return None
+
+
 def start_run(
     config: Mapping[str, Any],
     *,
@@ -166,27 +188,24 @@ def start_run(
     if dir is not None:
         Path(dir).mkdir(parents=True, exist_ok=True)
     try:
-        settings = wandb.Settings(
-            silent=True,
-            console="off",
-            init_timeout=init_timeout,
-            x_disable_stats=True,
-            x_disable_meta=True,
-            save_code=False,
-        )
-        run = wandb.init(
-            config=dict(config),
-            mode=mode,
-            project=project,
-            group=group,
-            name=name,
-            dir=None if dir is None else str(dir),
-            job_type=job_type,
-            tags=list(tags) or None,
-            settings=settings,
+        arguments: dict[str, Any] = {
+            "config": dict(config),
+            "mode": mode,
+            "project": project,
+            "group": group,
+            "name": name,
+            "dir": None if dir is None else str(dir),
+            "job_type": job_type,
+            "tags": list(tags) or None,
+            "settings": _settings(wandb, init_timeout),
+        }
+        try:
             # A run left open (a crashed loop, a notebook) must not swallow this one's logs.
-            reinit="create_new",
-        )
+            run = wandb.init(**arguments, reinit="create_new")
+        except Exception as error:
+            if "reinit" not in str(error):
+                raise
+            run = wandb.init(**arguments, reinit=True)  # wandb < 0.19.10: a boolean
     except Exception as error:
         _warn(f"W&B could not start ({type(error).__name__}: {error}); continuing without logging")
         return Tracker()
