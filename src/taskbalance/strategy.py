@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance import distributed
-from taskbalance.jacobian import gramian, jacobian
+from taskbalance.jacobian import backward_with_direction, gramian, gramian_backward, jacobian
 
 __all__ = [
     "GradientAggregation",
@@ -834,8 +834,29 @@ class GradientAggregation(Strategy):
         self._require_graph(batch)
         inputs = self._grad_inputs(shared_params, features)
         with self.transaction():
-            rows, (start, stop) = _per_task_rows(batch, inputs, scaler, features is not None)
             detached = batch.values.detach()
+            scale = _scale_factor(scaler)
+            if scale is not None:
+                scale = scale.to(batch.values.device)
+            if self.combines_gradients() and _plain_parameters(batch, inputs):
+                # Gramian without the Jacobian where linear layers make that cheaper, and never a
+                # second backward through the trunk (taskbalance.jacobian.gramian_backward).
+                if scale is not None:
+                    step = _STEP.get()
+                    if step is not None:
+                        step.watch(batch.values)  # before any backward, while the graph is whole
+
+                def weights_of(matrix: Tensor) -> Tensor:
+                    if scale is not None and not bool(torch.isfinite(matrix).all()):
+                        _mark_overflow()  # GradScaler skips this step: NaN weights, as below
+                        return torch.full_like(detached, math.nan)
+                    _check_squared(batch, inputs, matrix.diagonal(), features=False)
+                    with _solver_errors(self):
+                        return self.gramian_weights(matrix, detached, batch.index)
+
+                weights = gramian_backward(batch.values, inputs, weights_of, scale=scale)
+                return StepReport(batch.names, detached, weights.to(batch.values.dtype))
+            rows, (start, stop) = _per_task_rows(batch, inputs, scaler, features is not None)
             if overflowed():
                 # GradScaler will skip this step: compute nothing, and make every gradient say
                 # so (NaN) whatever the weights would have been. The report's weights are NaN.
@@ -853,7 +874,11 @@ class GradientAggregation(Strategy):
                     # features under DDP: this rank's block; DDP's average divides by the ranks
                     ranks = distributed.world_size(batch.group)
                     direction = direction[start:stop] * ranks
-                _backward_replacing(batch.values.sum(), inputs, direction, scaler)
+                if _plain_parameters(batch, inputs):
+                    # The shared parameters get the direction; only the heads are backpropagated.
+                    backward_with_direction(batch.values.sum(), inputs, direction, scale=scale)
+                else:
+                    _backward_replacing(batch.values.sum(), inputs, direction, scaler)
                 weights = torch.ones_like(detached)
         return StepReport(batch.names, detached, weights)
 
@@ -880,6 +905,40 @@ def _check_gramian_range(rows: Tensor, names: Sequence[str]) -> None:
             f"the gradient of task {bad!r} is not finite or too large: its squared norm "
             f"overflows {rows.dtype} (scale that loss down)"
         )
+
+
+def _plain_parameters(batch: TaskLosses, inputs: Sequence[Tensor]) -> bool:
+    """Whether the inputs are leaf tensors (parameters) on the losses' device, in float32/float64,
+    in one process: then the Gramian and the finish of taskbalance.jacobian apply as they are."""
+    device = batch.values.device
+    return (
+        batch.group is None
+        and batch.values.dtype not in _HALF
+        and all(t.is_leaf and t.device == device and t.dtype not in _HALF for t in inputs)
+    )
+
+
+def _check_squared(
+    batch: TaskLosses, inputs: Sequence[Tensor], squared: Tensor, features: bool
+) -> None:
+    """:func:`_check_rows` from the squared row norms (the Gramian's diagonal)."""
+    healthy = torch.cat([torch.isfinite(squared), squared > 0])
+    if bool(healthy.all()):
+        return
+    finite = torch.isfinite(squared)
+    if not bool(finite.all()):
+        bad = batch.names[finite.tolist().index(False)]
+        raise StrategyError(
+            f"the gradient of task {bad!r} is not finite or too large: its squared norm "
+            f"overflows {squared.dtype} (scale that loss down)"
+        )
+    argument = "features" if features else "shared_params"
+    for position in (squared == 0).nonzero().reshape(-1).tolist():
+        if not _task_reaches(batch.values, position, inputs):
+            raise StrategyError(
+                f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
+                f"{argument}; pass tensors that every present task reaches"
+            )
 
 
 def _check_rows(batch: TaskLosses, inputs: Sequence[Tensor], rows: Tensor, features: bool) -> None:
