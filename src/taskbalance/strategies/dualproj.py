@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 from torch import Tensor
 
 from taskbalance.cone import project_weights
 from taskbalance.registry import register_strategy
-from taskbalance.strategies.upgrad import (
-    check_cone_arguments,
-    preference_buffer,
-    present_preference,
-)
-from taskbalance.strategy import GradientAggregation
+from taskbalance.strategies.upgrad import UPGrad, present_preference
 
 
 @register_strategy(
@@ -21,7 +14,7 @@ from taskbalance.strategy import GradientAggregation
     paper="Quinton & Rey, 'Jacobian Descent for Multi-Objective Optimization', 2024, "
     "arXiv:2406.16232",
 )
-class DualProj(GradientAggregation):
+class DualProj(UPGrad):
     """DualProj: project the (preference-weighted) mean gradient onto the dual cone.
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024, arXiv:2406.16232
@@ -40,23 +33,6 @@ class DualProj(GradientAggregation):
         >>> [round(x, 4) + 0.0 for x in s.aggregate(J).tolist()]  # + 0.0 turns -0.0 into 0.0
         [0.0, 0.5]
     """
-
-    pref: Tensor
-
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        *,
-        pref_vector: Mapping[str, float] | Sequence[float] | None = None,
-        reg_eps: float = 1e-8,
-        tol: float = 1e-7,
-        max_iter: int = 100,
-    ) -> None:
-        super().__init__(tasks)
-        check_cone_arguments(reg_eps, tol, max_iter)
-        self.reg_eps, self.tol, self.max_iter = reg_eps, tol, max_iter
-        # A constructor argument, not state: kept out of the state_dict.
-        self.register_buffer("pref", preference_buffer(pref_vector, self.tasks), persistent=False)
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         pref = present_preference(self.pref, index, gramian)
