@@ -417,7 +417,7 @@ def test_stch_fixed_ideal_point_by_hand() -> None:
     # λ(f − z*) = (log 2, 0, log 2); /μ -> (log 4, 0, log 4); softmax = (4, 1, 4)/9
     # value k·μ·log Σ exp = 1.5·log 9; weights k·λ_i·softmax_i / L_i = 3·(4/18, 2/9, 1/9)
     s = tb.create_strategy(
-        "stch", tasks=["a", "b", "c"], mu=0.5, preference=[1.0, 2.0, 1.0], ideal=[1.0, 1.0, 2.0]
+        "stch", tasks=["a", "b", "c"], mu=0.5, pref_vector=[1.0, 2.0, 1.0], ideal=[1.0, 1.0, 2.0]
     )
     losses = leaves(2.0, 1.0, 4.0)
     total = s(losses)
@@ -469,7 +469,7 @@ def test_stch_task_without_reference_keeps_the_warmup_objective() -> None:
 def test_stch_argument_checks_and_positive_losses() -> None:
     for kwargs, message in [
         ({"mu": 0.0}, "mu must be a positive number"),
-        ({"preference": [1.0, 0.0]}, "preference must be positive"),
+        ({"pref_vector": [1.0, 0.0]}, "pref_vector must be positive"),
         ({"ideal": 0.0}, "ideal must be positive with log_losses=True"),
         ({"log_losses": 1}, "log_losses must be True or False"),
         ({"warmup_epochs": -1}, "warmup_epochs must be an int >= 0"),

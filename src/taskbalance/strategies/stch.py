@@ -44,7 +44,7 @@ class STCH(LossWeighting):
       definition takes ``z*`` slightly below the best value of each objective; ``ideal=0``
       with ``log_losses=False`` does that for non-negative losses.
     * ``mu = 1`` (the code's default; the paper studies several values), preference
-      ``λ_i = 1`` (``preference=``; the code uses ones).
+      ``λ_i = 1`` (``pref_vector=``, the name UPGrad, DualProj and ConFIG use; the code uses ones).
     * The code multiplies the objective by the number of tasks ``k``; so does this class, so
       that with equal gaps the step equals the warm-up's ``Σ log L`` step.
 
@@ -75,7 +75,7 @@ class STCH(LossWeighting):
         tasks: Sequence[str],
         *,
         mu: float = 1.0,
-        preference: Mapping[str, float] | Sequence[float] | float = 1.0,
+        pref_vector: Mapping[str, float] | Sequence[float] | float = 1.0,
         ideal: Mapping[str, float] | Sequence[float] | float | None = None,
         log_losses: bool = True,
         warmup_epochs: int = 4,
@@ -83,9 +83,9 @@ class STCH(LossWeighting):
         super().__init__(tasks)
         if not (isinstance(mu, (int, float)) and math.isfinite(mu) and mu > 0):
             raise StrategyError(f"mu must be a positive number, got {mu!r}")
-        weights = per_task_vector(preference, self.tasks, argument="preference")
+        weights = per_task_vector(pref_vector, self.tasks, argument="pref_vector")
         if not bool((weights > 0).all()):
-            raise StrategyError(f"preference must be positive, got {weights.tolist()}")
+            raise StrategyError(f"pref_vector must be positive, got {weights.tolist()}")
         if not isinstance(log_losses, bool):
             raise StrategyError(f"log_losses must be True or False, got {log_losses!r}")
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int):
