@@ -312,3 +312,20 @@ def test_heads_get_their_own_weighted_gradient() -> None:
     s.backward(losses)
     for p, g in zip(head_a.parameters(), expected):
         torch.testing.assert_close(p.grad, 0.5 * g)
+
+
+def test_failed_step_restores_a_buffer_the_step_replaced() -> None:
+    # Strategies size some state on first use (MoCo's running gradients): a step that fails
+    # after the sizing must leave the old, unsized buffer, shape included.
+    s = tb.create_strategy("moco", tasks=["a", "b"])
+    assert s.tracked.shape == (0, 0)
+    with pytest.raises(RuntimeError, match="after sizing"), s.transaction():
+        s.tracked = torch.ones(2, 5)
+        s.tracked.mul_(3)
+        raise RuntimeError("after sizing")
+    assert s.tracked.shape == (0, 0)
+    s.tracked = torch.ones(2, 3)
+    with pytest.raises(RuntimeError), s.transaction():
+        s.tracked.mul_(3)
+        raise RuntimeError
+    assert torch.equal(s.tracked, torch.ones(2, 3))

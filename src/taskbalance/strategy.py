@@ -424,7 +424,13 @@ class Strategy(nn.Module):
         (non-finite scaled gradients, see :func:`scaled_backward`): ``GradScaler.step`` skips
         such a step, and the strategy skips it too.
         """
-        saved = [(t, t.detach().clone()) for t in self._state_tensors()]
+        saved = [
+            (slots, name, tensor, tensor.detach().clone())
+            for module in self.modules()
+            for slots in (module._parameters, module._buffers)
+            for name, tensor in slots.items()
+            if tensor is not None
+        ]
         step = _StepState()
         token = _STEP.set(step)
         try:
@@ -500,10 +506,15 @@ _STEP: contextvars.ContextVar[_StepState | None] = contextvars.ContextVar(
 )
 
 
-def _restore(saved: Sequence[tuple[Tensor, Tensor]]) -> None:
+def _restore(saved: Sequence[tuple[dict[str, Any], str, Tensor, Tensor]]) -> None:
+    """Put every saved parameter and buffer back; one that the step replaced (a buffer sized
+    on first use, say) gets its old tensor back, shape included."""
     with torch.no_grad():
-        for tensor, copy in saved:
-            tensor.copy_(copy)
+        for slots, name, tensor, copy in saved:
+            if slots.get(name) is tensor and tensor.shape == copy.shape:
+                tensor.copy_(copy)
+            else:
+                slots[name] = copy
 
 
 def _mark_overflow() -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -60,34 +59,6 @@ class TrackedGradients(GradientAggregation):
                 "shared_params= or batches of a fixed size (drop_last=True) with features="
             )
         return self.tracked
-
-    @contextlib.contextmanager
-    def _unsized_on_error(self) -> Iterator[None]:
-        # The transaction restores values, not shapes: undo a first-step sizing if it fails.
-        empty = self.tracked.numel() == 0
-        try:
-            yield
-        except BaseException:
-            if empty and self.tracked.numel():
-                self.tracked = torch.zeros(0, 0, device=self.tracked.device)
-            raise
-
-    def aggregate(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
-        with self._unsized_on_error():
-            return super().aggregate(jacobian, losses)
-
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared_params: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> StepReport:
-        with self._unsized_on_error():
-            return super().backward(
-                losses, shared_params=shared_params, features=features, scaler=scaler
-            )
 
     def _update_tracked(
         self, index: Tensor, jacobian: Tensor, keep: Tensor, gain: Tensor
