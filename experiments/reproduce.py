@@ -614,6 +614,34 @@ def run_toy(
     return ToyRun(method, records, final, seconds, errors)
 
 
+def _run_toy_methods(
+    config: ReproduceConfig,
+    name: str,
+    methods: dict[str, tuple[str, dict[str, Any]]],
+    starts: Sequence[tuple[float, float]],
+    *,
+    steps: int,
+    scale: tuple[float, float],
+) -> tuple[dict[str, ToyRun], list[str], float]:
+    """Run every method (label -> (strategy, kwargs)) from every start; also return what was not
+    run and why, and the wall time of them all."""
+    runs: dict[str, ToyRun] = {}
+    missing = []
+    group = _group(config, name)
+    start = time.perf_counter()
+    for label, (method, kwargs) in methods.items():
+        if config.only and method not in config.only:
+            missing.append(f"{method}: not run (--only {' '.join(config.only)})")
+            continue
+        if not available(method):
+            missing.append(f"{method}: strategy not available")
+            continue
+        runs[label] = run_toy(
+            config, method, kwargs, starts, steps=steps, scale=scale, path="batched", group=group
+        )
+    return runs, missing, time.perf_counter() - start
+
+
 def _toy_summary(run: ToyRun, front: Tensor, scale: tuple[float, float]) -> dict[str, Any]:
     final = run.final.double()
     final_req = final.clone().requires_grad_(True)
@@ -672,21 +700,9 @@ def cagrad_toy(config: ReproduceConfig) -> tuple[Result, Any]:
         "CAGrad (c=0.5)": ("cagrad", {"c": 0.5}),
     }
     front = pareto_set()
-    runs: dict[str, ToyRun] = {}
-    missing = []
-    group = _group(config, "cagrad_toy")
-    start = time.perf_counter()
-    for label, (method, kwargs) in methods.items():
-        if config.only and method not in config.only:
-            missing.append(f"{method}: not run (--only {' '.join(config.only)})")
-            continue
-        if not available(method):
-            missing.append(f"{method}: strategy not available")
-            continue
-        runs[label] = run_toy(
-            config, method, kwargs, starts, steps=steps, scale=scale, path="batched", group=group
-        )
-    seconds = time.perf_counter() - start
+    runs, missing, seconds = _run_toy_methods(
+        config, "cagrad_toy", methods, starts, steps=steps, scale=scale
+    )
     summaries = {label: _toy_summary(run, front, scale) for label, run in runs.items()}
     checks = []
     if "Adam (mean loss)" in summaries:
@@ -759,7 +775,7 @@ def cagrad_toy(config: ReproduceConfig) -> tuple[Result, Any]:
         deviations=deviations,
     )
     fig = _toy_figure(runs, scale, "CAGrad toy: trajectories on the mean-loss contours")
-    tracker = start_tracking(config, group=group, name="cagrad_toy")
+    tracker = start_tracking(config, group=_group(config, "cagrad_toy"), name="cagrad_toy")
     write_result(result, Path(config.out), fig, tracker)
     tracker.finish()
     return result, fig
@@ -779,28 +795,9 @@ def famo_toy(config: ReproduceConfig) -> tuple[Result, Any]:
         "Nash-MTL": ("nash_mtl", {}),
     }
     front = pareto_set()
-    runs: dict[str, ToyRun] = {}
-    missing = []
-    group = _group(config, "famo_toy")
-    start = time.perf_counter()
-    for label, (method, kwargs) in methods.items():
-        if config.only and method not in config.only:
-            missing.append(f"{method}: not run (--only {' '.join(config.only)})")
-            continue
-        if not available(method):
-            missing.append(f"{method}: strategy not available")
-            continue
-        runs[label] = run_toy(
-            config,
-            method,
-            kwargs,
-            FAMO_STARTS,
-            steps=steps,
-            scale=scale,
-            path="batched",
-            group=group,
-        )
-    seconds = time.perf_counter() - start
+    runs, missing, seconds = _run_toy_methods(
+        config, "famo_toy", methods, FAMO_STARTS, steps=steps, scale=scale
+    )
     summaries = {label: _toy_summary(run, front, scale) for label, run in runs.items()}
     checks = []
     if "Adam" in summaries:
@@ -884,7 +881,7 @@ def famo_toy(config: ReproduceConfig) -> tuple[Result, Any]:
         deviations=deviations,
     )
     fig = _toy_figure(runs, scale, "FAMO toy (first loss × 0.1): trajectories")
-    tracker = start_tracking(config, group=group, name="famo_toy")
+    tracker = start_tracking(config, group=_group(config, "famo_toy"), name="famo_toy")
     write_result(result, Path(config.out), fig, tracker)
     tracker.finish()
     return result, fig
