@@ -35,7 +35,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from taskbalance.registry import create_strategy
-from taskbalance.strategy import NonFiniteLossError, StepReport, Strategy, StrategyError
+from taskbalance.strategy import (
+    StepReport,
+    Strategy,
+    StrategyError,
+    check_finite,
+    validate_losses,
+)
 
 __all__ = ["Lookahead", "TaskOptimizers", "list_optimizers", "make_optimizer"]
 
@@ -675,46 +681,16 @@ class TaskOptimizers(Mapping[str, Optimizer]):
 
     # ----------------------------------------------------------------- checks
     def _gather(self, losses: Losses, *, need_graph: bool) -> tuple[tuple[str, ...], Tensor]:
-        if not isinstance(losses, Mapping):
-            raise StrategyError(f"losses must be a mapping task -> loss, got {type(losses)}")
-        if not losses:
-            raise StrategyError("losses is empty: give at least one task's loss")
-        unknown = [t for t in losses if t not in self._optimizers]
-        if unknown:
-            raise StrategyError(
-                f"unknown task {unknown[0]!r} in losses; tasks are {list(self.tasks)}"
-            )
-        names = tuple(t for t in self.tasks if t in losses)
-        for name in names:
-            loss = losses[name]
-            if not isinstance(loss, Tensor):
-                raise StrategyError(
-                    f"loss of task {name!r} must be a tensor, got {type(loss).__name__}"
-                )
-            if loss.numel() != 1 or loss.dim() > 1:
-                raise StrategyError(
-                    f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)}"
-                )
-            if not loss.is_floating_point():
-                raise StrategyError(
-                    f"loss of task {name!r} must be floating point, got {loss.dtype}"
-                )
-            if loss.device != losses[names[0]].device:
-                raise StrategyError(
-                    f"loss of task {name!r} is on {loss.device}, task {names[0]!r} on "
-                    f"{losses[names[0]].device}"
-                )
-            if need_graph and not loss.requires_grad:
-                raise StrategyError(
-                    f"loss of task {name!r} does not require grad (computed under "
-                    "torch.no_grad() or detached?)"
-                )
-        dtype = functools.reduce(torch.promote_types, (losses[n].dtype for n in names))
-        values = torch.stack([losses[n].reshape(()).to(dtype) for n in names])
-        finite = torch.isfinite(values.detach())
-        if not bool(finite.all()):  # the one host sync: NaN must fail loudly, before any update
-            bad = names[finite.tolist().index(False)]
-            raise NonFiniteLossError(f"loss of task {bad!r} is not finite ({losses[bad].item()})")
+        names, parts = validate_losses(losses, self.tasks)
+        if need_graph:
+            for name, loss in zip(names, parts):
+                if not loss.requires_grad:
+                    raise StrategyError(
+                        f"loss of task {name!r} does not require grad (computed under "
+                        "torch.no_grad() or detached?)"
+                    )
+        values = torch.stack(parts)
+        check_finite(names, values)
         return names, values
 
     def _all_optimizers(self) -> list[Optimizer]:

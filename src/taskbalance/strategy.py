@@ -221,6 +221,55 @@ def per_task_vector(
     return vector
 
 
+def validate_losses(
+    losses: Mapping[str, Tensor], tasks: Sequence[str]
+) -> tuple[tuple[str, ...], list[Tensor]]:
+    """Check a ``task -> scalar loss`` mapping; return the present tasks in ``tasks`` order and
+    their losses as 0-d tensors of one dtype (on one device). Errors name the culprit."""
+    if not isinstance(losses, Mapping):
+        raise StrategyError(
+            f"losses must be a mapping task name -> scalar tensor, got {type(losses).__name__}"
+        )
+    if not losses:
+        raise StrategyError(f"losses is empty; expected some of the tasks {list(tasks)}")
+    unknown = [name for name in losses if name not in tasks]
+    if unknown:
+        raise StrategyError(f"unknown task {unknown[0]!r} in losses; tasks are {list(tasks)}")
+    names = tuple(t for t in tasks if t in losses)
+    device = None
+    for name in names:
+        loss = losses[name]
+        if not isinstance(loss, Tensor):
+            raise StrategyError(
+                f"loss of task {name!r} must be a tensor, got {type(loss).__name__}"
+            )
+        if loss.numel() != 1 or loss.dim() > 1:
+            raise StrategyError(
+                f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)}"
+            )
+        if not loss.is_floating_point():
+            raise StrategyError(f"loss of task {name!r} must be floating point, got {loss.dtype}")
+        if device is None:
+            device = loss.device
+        elif loss.device != device:
+            raise StrategyError(
+                f"loss of task {name!r} is on {loss.device}, task {names[0]!r} on {device}"
+            )
+    dtype = functools.reduce(torch.promote_types, (losses[n].dtype for n in names))
+    return names, [losses[n].reshape(()).to(dtype) for n in names]
+
+
+def check_finite(names: Sequence[str], values: Tensor) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first task whose loss is NaN or infinite.
+    One host sync: a NaN must fail loudly, before anything is updated."""
+    finite = torch.isfinite(values.detach())
+    if not bool(finite.all()):
+        position = finite.tolist().index(False)
+        raise NonFiniteLossError(
+            f"loss of task {names[position]!r} is not finite ({values[position].item()})"
+        )
+
+
 class Strategy(nn.Module):
     """A way of combining several task losses into one update.
 
@@ -305,58 +354,19 @@ class Strategy(nn.Module):
     # ----------------------------------------------------------------- helpers for subclasses
     def gather(self, losses: Mapping[str, Tensor]) -> TaskLosses:
         """Validate ``losses`` and stack the present ones in the strategy's task order."""
-        if not isinstance(losses, Mapping):
-            raise StrategyError(
-                f"losses must be a mapping task name -> scalar tensor, got {type(losses).__name__}"
-            )
-        if not losses:
-            raise StrategyError(f"losses is empty; expected some of the tasks {list(self.tasks)}")
-        unknown = [name for name in losses if name not in self._positions]
-        if unknown:
-            raise StrategyError(
-                f"unknown task {unknown[0]!r} in losses; tasks are {list(self.tasks)}"
-            )
-        names = tuple(t for t in self.tasks if t in losses)
-        device = None
-        for name in names:
-            loss = losses[name]
-            if not isinstance(loss, Tensor):
-                raise StrategyError(
-                    f"loss of task {name!r} must be a tensor, got {type(loss).__name__}"
-                )
-            if loss.numel() != 1 or loss.dim() > 1:
-                raise StrategyError(
-                    f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)}"
-                )
-            if not loss.is_floating_point():
-                raise StrategyError(
-                    f"loss of task {name!r} must be floating point, got {loss.dtype}"
-                )
-            if device is None:
-                device = loss.device
-            elif loss.device != device:
-                raise StrategyError(
-                    f"loss of task {name!r} is on {loss.device}, task {names[0]!r} on {device}"
-                )
-        assert device is not None
+        names, parts = validate_losses(losses, self.tasks)
+        device = parts[0].device
         own = self._state_device()
         if own is not None and own != device:
             raise StrategyError(
                 f"losses are on {device} but the strategy's state is on {own}; "
                 f"call strategy.to({str(device)!r})"
             )
-        dtype = functools.reduce(torch.promote_types, (losses[n].dtype for n in names))
-        parts = [losses[n].reshape(()).to(dtype) for n in names]
         values = torch.stack(parts)
         index, mask = self._index_and_mask(names, device)
         group = self._sync_group(values)
         if group is None:
-            finite = torch.isfinite(values)
-            if not bool(finite.all()):  # the one host sync of a step: NaN must fail loudly
-                bad = names[finite.tolist().index(False)]
-                raise NonFiniteLossError(
-                    f"loss of task {bad!r} is not finite ({losses[bad].item()})"
-                )
+            check_finite(names, values)
             return TaskLosses(names, values, index, mask)
         # One collective: the global mean of every task's loss. The values become the global
         # ones, the gradient stays the local one (DDP averages it in the final backward).
