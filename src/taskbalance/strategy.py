@@ -832,7 +832,15 @@ class GradientAggregation(Strategy):
         with self.transaction(), _solver_errors(self):
             return self._aggregate_rows(jacobian, losses, index)
 
-    def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+    def _aggregate_rows(
+        self,
+        jacobian: Tensor,
+        losses: Tensor,
+        index: Tensor,
+        features: Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """The direction from the rows; ``features`` are the tensors the rows were taken w.r.t.
+        on the ``features=`` path (``None`` otherwise), for methods that need them (GradDrop)."""
         weights = self.gramian_weights(gramian(jacobian), losses, index)
         return weights.to(jacobian.dtype) @ jacobian
 
@@ -890,7 +898,9 @@ class GradientAggregation(Strategy):
                 scaled_backward((weights * batch.values).sum(), scaler)
             else:
                 with _solver_errors(self):
-                    direction = self._aggregate_rows(rows, detached, batch.index)
+                    direction = self._aggregate_rows(
+                        rows, detached, batch.index, inputs if features is not None else None
+                    )
                 if stop - start != direction.shape[0]:
                     # features under DDP: this rank's block; DDP's average divides by the ranks
                     ranks = distributed.world_size(batch.group)

@@ -67,7 +67,13 @@ class DBMTL(TrackedGradients):
         self.beta, self.beta_sigma, self.eps = float(beta), float(beta_sigma), float(eps)
         self.register_buffer("alphas", torch.ones(len(self.tasks)))
 
-    def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+    def _aggregate_rows(
+        self,
+        jacobian: Tensor,
+        losses: Tensor,
+        index: Tensor,
+        features: Sequence[Tensor] | None = None,
+    ) -> Tensor:
         if _LOG_ROWS.get():
             scales = torch.ones(index.numel(), dtype=jacobian.dtype, device=jacobian.device)
         else:  # rows of the plain losses: ∇log(L_i + ε) = g_i / (L_i + ε)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from taskbalance.registry import register_strategy
 from taskbalance.strategies.gradvac import draw, new_generator_state
-from taskbalance.strategy import GradientAggregation, StepReport, StrategyError, per_task_vector
-
-# The features of the step under way: set by ``backward`` for ``_aggregate_rows``.
-_FEATURES: ContextVar[list[Tensor] | None] = ContextVar("graddrop_features", default=None)
+from taskbalance.strategy import GradientAggregation, StrategyError, per_task_vector
 
 
 @register_strategy(
@@ -112,8 +108,20 @@ class GradDrop(GradientAggregation):
             + torch.where(purity < uniform, kept_negative, zero)
         )
 
-    def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        features = _FEATURES.get()
+    def _aggregate_rows(
+        self,
+        jacobian: Tensor,
+        losses: Tensor,
+        index: Tensor,
+        features: Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        if features is not None:
+            for tensor in features:
+                if tensor.dim() < 2:
+                    raise StrategyError(
+                        "features for graddrop must have a batch dimension first, got shape "
+                        f"{tuple(tensor.shape)}"
+                    )
         if features is None or jacobian.shape[1] != sum(t.numel() for t in features):
             # shared_params, aggregate(J), or features whose rows were gathered across ranks
             return self._entrywise(jacobian, index)
@@ -124,28 +132,3 @@ class GradDrop(GradientAggregation):
             keep = self._keep(signed, index).unsqueeze(1)  # one mask per unit, every example
             pieces.append((keep * grads).sum(0).reshape(-1))
         return torch.cat(pieces)
-
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared_params: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> StepReport:
-        listed = None
-        if features is not None:
-            listed = [features] if isinstance(features, Tensor) else list(features)
-            for tensor in listed:
-                if isinstance(tensor, Tensor) and tensor.dim() < 2:
-                    raise StrategyError(
-                        "features for graddrop must have a batch dimension first, got shape "
-                        f"{tuple(tensor.shape)}"
-                    )
-        token = _FEATURES.set(listed)
-        try:
-            return super().backward(
-                losses, shared_params=shared_params, features=features, scaler=scaler
-            )
-        finally:
-            _FEATURES.reset(token)

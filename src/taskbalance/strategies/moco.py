@@ -159,7 +159,13 @@ class MoCo(TrackedGradients):
         self.register_buffer("lambdas", torch.full((count,), 1.0 / count))
         self.register_buffer("lambda_steps", torch.zeros(()))
 
-    def _aggregate_rows(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+    def _aggregate_rows(
+        self,
+        jacobian: Tensor,
+        losses: Tensor,
+        index: Tensor,
+        features: Sequence[Tensor] | None = None,
+    ) -> Tensor:
         factors = torch.ones(index.numel(), dtype=jacobian.dtype, device=jacobian.device)
         if self.normalization == "loss":
             factors = losses.to(jacobian.dtype) / (jacobian.norm(dim=1) + 1e-8)
