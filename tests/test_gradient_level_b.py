@@ -448,3 +448,13 @@ def test_no_cpu_solver_is_imported() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_graddrop_needs_features_with_a_batch_dimension() -> None:
+    s = tb.create_strategy("graddrop", ["a", "b"])
+    z = torch.tensor([1.0, -2.0], requires_grad=True)  # no batch dimension
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    with pytest.raises(tb.StrategyError, match=r"batch dimension first, got shape \(2,\)"):
+        s.backward({"a": z.sum(), "b": (z * z).sum()}, features=z)
+    assert all(torch.equal(before[k], v) for k, v in s.state_dict().items())
+    assert z.grad is None
