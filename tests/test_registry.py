@@ -41,6 +41,7 @@ def test_public_namespace_is_exactly_the_contract() -> None:
     for name in tb.__all__:
         assert hasattr(tb, name), name
     assert issubclass(tb.NonFiniteLossError, tb.StrategyError)
+    assert issubclass(tb.SolverError, tb.StrategyError)
     assert issubclass(tb.StrategyError, ValueError)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "GradientAggregation",
     "LossWeighting",
     "NonFiniteLossError",
+    "SolverError",
     "StepReport",
     "Strategy",
     "StrategyError",
@@ -49,6 +50,15 @@ class StrategyError(ValueError):
 
 class NonFiniteLossError(StrategyError):
     """A task loss is NaN or infinite. Nothing was updated."""
+
+
+class SolverError(StrategyError):
+    """A strategy's per-step problem has no solution, or its solver did not converge.
+
+    Strategies with such a problem (Nash-MTL, FairGrad, CAGrad, MGDA, UPGrad, DualProj) take an
+    ``on_failure`` argument: ``"reuse"`` falls back to the previous step's weights (and counts
+    the fallback in the step report), ``"raise"`` raises this error.
+    """
 
 
 @dataclass(frozen=True)
