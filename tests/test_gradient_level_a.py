@@ -288,30 +288,41 @@ def test_nash_by_hand() -> None:
     jacobian = t([[2.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 4.0]])
     strategy = make("nash_mtl", 3, max_norm=0.0)
     torch.testing.assert_close(strategy.aggregate(jacobian), t([[1.0, 1.0, 1.0]])[0])
-    torch.testing.assert_close(strategy.alpha, torch.tensor([0.5, 2.0, 0.25]))
-    # Default max_norm = 1: ‖d‖ = √T before clipping, so d is scaled to norm 1.
+    torch.testing.assert_close(strategy.last_weights, torch.tensor([0.5, 2.0, 0.25]))
+    # Default max_norm = 1: ‖d‖ = √T before clipping, so d is scaled as clip_grad_norm_ does,
+    # by max_norm / (‖d‖ + 1e-6).
     clipped = aggregate("nash_mtl", jacobian)
-    torch.testing.assert_close(clipped, t([[1.0, 1.0, 1.0]])[0] / math.sqrt(3))
+    torch.testing.assert_close(clipped, t([[1.0, 1.0, 1.0]])[0] / (math.sqrt(3) + 1e-6))
     # Two tasks at 60°: α_i = 1/(‖g_i‖√(1 + cos θ)), and G α = 1/α.
     rows = t([[1.0, 0.0], [2 * math.cos(math.pi / 3), 2 * math.sin(math.pi / 3)]])
     two = make("nash_mtl", 2, max_norm=0.0)
     two.aggregate(rows)
-    alpha = two.alpha.double()
+    alpha = two.last_weights.double()
     torch.testing.assert_close(alpha, t([[1.0, 0.5]])[0] / math.sqrt(1.5), rtol=1e-6, atol=0)
     torch.testing.assert_close(rows @ rows.T @ alpha, 1 / alpha, rtol=1e-6, atol=0)
 
 
-def test_nash_update_weights_every_reuses_without_jacobian() -> None:
+@pytest.mark.parametrize("max_norm", [0.0, 1.0])
+def test_nash_update_weights_every_reuses_the_solution(max_norm: float) -> None:
     problem = ToyProblem.create(("a", "b", "c"))
-    strategy = tb.create_strategy("nash_mtl", ("a", "b", "c"), update_weights_every=3)
+    strategy = tb.create_strategy(
+        "nash_mtl", ("a", "b", "c"), update_weights_every=3, max_norm=max_norm
+    )
     weights = []
     for step in range(4):
         problem.zero_grad()
         losses, features = problem.losses(step)
         weights.append(strategy.backward(losses, features=features).weight_values)
         problem.sgd_step()
-    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
-    assert not torch.equal(weights[2], weights[3])  # step 3 solves again
+    if max_norm == 0:
+        assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+    else:  # the same α, re-clipped with each step's own gradients: proportional weights
+        for reused in weights[1:3]:
+            ratio = reused / weights[0]
+            torch.testing.assert_close(ratio, ratio[:1].expand(3))
+            assert not torch.equal(reused, weights[0])
+    ratio = weights[3] / weights[0]
+    assert not torch.allclose(ratio, ratio[:1].expand(3))  # step 3 solves again
     assert int(strategy.step) == 4
     with pytest.raises(StrategyError, match="update_weights_every must be an integer >= 1"):
         make("nash_mtl", 2, update_weights_every=0)
@@ -322,7 +333,7 @@ def test_nash_update_weights_every_reuses_without_jacobian() -> None:
 
 
 def test_nash_failure_leaves_state_unchanged() -> None:
-    strategy = make("nash_mtl", 3)
+    strategy = make("nash_mtl", 3, on_failure="raise")
     strategy.aggregate(_random(3, 5, 0))
     before = copy.deepcopy(strategy.state_dict())
     with pytest.raises(StrategyError, match="Nash-MTL"):

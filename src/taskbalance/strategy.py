@@ -20,6 +20,7 @@ import contextvars
 import functools
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -42,6 +43,9 @@ __all__ = [
     "per_task_jacobian",
     "scaled_backward",
 ]
+
+
+OnFailure = Literal["reuse", "raise"]
 
 
 class StrategyError(ValueError):
@@ -67,14 +71,16 @@ class StepReport:
 
     ``loss_values`` and ``weight_values`` hold one entry per task in ``tasks`` (the tasks present
     in this step, in the strategy's order). ``extras`` holds further per-task vectors that a
-    strategy wants to log (for example ``"log_var"``). Converting to Python floats happens only in
-    :meth:`to_dict`.
+    strategy wants to log (for example ``"log_var"``), ``scalars`` single values about the step
+    (``"failed"`` and ``"failures"`` for strategies with an ``on_failure`` policy, see
+    :class:`GradientAggregation`). Converting to Python floats happens only in :meth:`to_dict`.
     """
 
     tasks: tuple[str, ...]
     loss_values: Tensor
     weight_values: Tensor
     extras: Mapping[str, Tensor] = field(default_factory=dict)
+    scalars: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def losses(self) -> dict[str, Tensor]:
@@ -85,19 +91,23 @@ class StepReport:
         return dict(zip(self.tasks, self.weight_values.unbind()))
 
     def to_dict(self, prefix: str = "") -> dict[str, float]:
-        """Floats keyed ``{prefix}loss/<task>``, ``{prefix}weight/<task>`` and
-        ``{prefix}<extra>/<task>``.
+        """Floats keyed ``{prefix}loss/<task>``, ``{prefix}weight/<task>``,
+        ``{prefix}<extra>/<task>`` and ``{prefix}<scalar>``.
 
         This is the one place that copies to the host (a single transfer for all values).
         """
         groups = {"loss": self.loss_values, "weight": self.weight_values, **self.extras}
-        flat = torch.cat([v.detach().reshape(-1).float() for v in groups.values()]).tolist()
+        parts = [v.detach().reshape(-1).float() for v in (*groups.values(), *self.scalars.values())]
+        flat = torch.cat(parts).tolist()
         out: dict[str, float] = {}
         position = 0
         for key in groups:
             for task in self.tasks:
                 out[f"{prefix}{key}/{task}"] = flat[position]
                 position += 1
+        for key in self.scalars:
+            out[f"{prefix}{key}"] = flat[position]
+            position += 1
         return out
 
 
@@ -149,6 +159,7 @@ class TaskParameterOptimizer(nn.Module):
     def step(self, target: Tensor, grad: Tensor, mask: Tensor) -> None:
         """Update ``target`` in place from ``grad`` at the entries where ``mask`` is true."""
         mask = mask.reshape(-1, *([1] * (target.dim() - 1)))
+        grad = grad.to(target.dtype)
         if self.weight_decay:
             grad = grad + self.weight_decay * target
         if self.kind == "sgd":
@@ -223,7 +234,8 @@ def per_task_vector(
                 f"{argument} has {len(items)} values for {len(tasks)} tasks {list(tasks)}"
             )
     try:
-        vector = torch.tensor([float(v) for v in items], dtype=torch.float32)
+        # The default dtype, like a module's parameters: state and its optimizer agree in dtype.
+        vector = torch.tensor([float(v) for v in items], dtype=torch.get_default_dtype())
     except (TypeError, ValueError) as error:
         raise StrategyError(f"{argument} must hold numbers, got {items!r}") from error
     if not torch.isfinite(vector).all():
@@ -267,6 +279,24 @@ def validate_losses(
             )
     dtype = functools.reduce(torch.promote_types, (losses[n].dtype for n in names))
     return names, [losses[n].reshape(()).to(dtype) for n in names]
+
+
+def _check_graphs(names: Sequence[str], parts: Sequence[Tensor]) -> None:
+    """A training step (some loss has a graph) needs every present task's loss to have one.
+
+    A loss computed under ``torch.no_grad()`` or detached would otherwise be weighted, reported
+    and never trained. Without any graph (evaluation) nothing is checked.
+    """
+    if not torch.is_grad_enabled():
+        return
+    graphs = [part.requires_grad for part in parts]
+    if any(graphs) and not all(graphs):
+        name = names[graphs.index(False)]
+        raise StrategyError(
+            f"loss of task {name!r} has no graph (computed under torch.no_grad() or detached?) "
+            "while other tasks' losses have one: it would not be trained. Leave a task without "
+            "a loss out of the mapping (partial labels)"
+        )
 
 
 def check_finite(names: Sequence[str], values: Tensor) -> None:
@@ -365,6 +395,7 @@ class Strategy(nn.Module):
     def gather(self, losses: Mapping[str, Tensor]) -> TaskLosses:
         """Validate ``losses`` and stack the present ones in the strategy's task order."""
         names, parts = validate_losses(losses, self.tasks)
+        _check_graphs(names, parts)
         device = parts[0].device
         own = self._state_device()
         if own is not None and own != device:
@@ -704,7 +735,8 @@ class LossWeighting(Strategy):
         weight_decay: float = 0.0,
     ) -> nn.Parameter:
         """Register a per-task parameter (dimension 0 = tasks) trained by its own optimizer."""
-        parameter = nn.Parameter(initial.clone().float())
+        # In the default dtype, as nn.Module parameters are (its optimizer's moments are too).
+        parameter = nn.Parameter(initial.detach().clone().to(torch.get_default_dtype()))
         self.register_parameter(name, parameter)
         updater = TaskParameterOptimizer(
             tuple(initial.shape), kind=optimizer, lr=lr, weight_decay=weight_decay
@@ -805,9 +837,86 @@ class GradientAggregation(Strategy):
 
     With ``features=`` the Jacobian is taken w.r.t. the shared representation (MGDA-UB of
     Sener & Koltun, 2018): far cheaper, and an approximation of the parameter Jacobian.
+
+    **Per-step problems that can fail.** A method whose weights solve a problem that may have no
+    solution or may not converge (Nash-MTL at a Pareto front, FairGrad with opposite gradients,
+    an iterative solver at its iteration cap) passes its ``on_failure`` argument to this
+    constructor and computes its weights with :meth:`solved`. ``on_failure="reuse"`` then
+    takes the previous step's solution when the solver raises :class:`SolverError` (equal
+    weights when a present task has none yet); ``"raise"`` lets the error end the step, with
+    nothing changed. A fallback is never silent: the first one warns, and the step report
+    carries ``failed`` (1 in a step that fell back) and ``failures`` (the running count, a
+    buffer saved with the state), which ``report.to_dict()`` includes.
     """
 
     needs_grads: ClassVar[bool] = True
+    last_weights: Tensor
+    has_last_weights: Tensor
+    failures: Tensor
+
+    def __init__(self, tasks: Sequence[str], *, on_failure: OnFailure | None = None) -> None:
+        super().__init__(tasks)
+        if on_failure is not None and on_failure not in ("reuse", "raise"):
+            raise StrategyError(f"on_failure must be 'reuse' or 'raise', got {on_failure!r}")
+        self.on_failure = on_failure
+        self._warned_fallback = False
+        if on_failure is not None:
+            # The last solution per task, whether there is one, and the fallbacks so far.
+            count = len(self.tasks)
+            self.register_buffer("last_weights", torch.zeros(count))
+            self.register_buffer("has_last_weights", torch.zeros(count, dtype=torch.bool))
+            self.register_buffer("failures", torch.zeros((), dtype=torch.long))
+
+    def solved(
+        self, solve: Callable[[], Tensor], index: Tensor, *, equal: Literal["mean", "sum"] = "mean"
+    ) -> Tensor:
+        """``solve()``, this step's weights of the present tasks ``index``, under ``on_failure``.
+
+        A solution is stored for the next fallback. On :class:`SolverError` (or a linear-algebra
+        failure) with ``on_failure="reuse"``: :meth:`previous_weights`, counted in
+        ``failures``; the first fallback of a strategy warns. The solver's own host sync
+        reported the failure, so the fallback adds none.
+        """
+        try:
+            with _solver_errors(self):
+                weights = solve()
+        except SolverError as error:
+            if self.on_failure != "reuse":
+                raise
+            with torch.no_grad():
+                self.failures += 1
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                warnings.warn(
+                    f"{type(self).__name__}: {error} -- on_failure='reuse': this step uses the "
+                    "previous step's weights. Shown once; the step report counts every "
+                    "fallback ('failures'). Pass on_failure='raise' to stop instead.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return self.previous_weights(index, equal=equal)
+        if self.on_failure is not None:
+            with torch.no_grad():
+                self.last_weights[index] = weights.detach().to(self.last_weights.dtype)
+                self.has_last_weights[index] = True
+        return weights
+
+    def previous_weights(
+        self, index: Tensor, *, equal: Literal["mean", "sum"] = "mean"
+    ) -> Tensor:
+        """The last stored weights of the tasks ``index``; equal weights (``1/k`` each for
+        ``"mean"``, 1 for ``"sum"``) if any of them has none yet. No host sync."""
+        stored = self.last_weights[index]
+        first = torch.full_like(stored, 1.0 / index.numel() if equal == "mean" else 1.0)
+        return torch.where(self.has_last_weights[index].all(), stored, first)
+
+    def _failure_scalars(self, before: Tensor | None) -> dict[str, Tensor]:
+        if before is None:
+            return {}
+        return {"failed": (self.failures > before).float(), "failures": self.failures.clone()}
+
+    def _failure_count(self) -> Tensor | None:
+        return self.failures.clone() if self.on_failure is not None else None
 
     # ----------------------------------------------------------------- to implement
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
@@ -872,6 +981,7 @@ class GradientAggregation(Strategy):
         batch = self.gather(losses)
         self._require_graph(batch)
         inputs = self._grad_inputs(shared_params, features)
+        before = self._failure_count()
         with self.transaction():
             detached = batch.values.detach()
             scale = _scale_factor(scaler)
@@ -894,7 +1004,10 @@ class GradientAggregation(Strategy):
                         return self.gramian_weights(matrix, detached, batch.index)
 
                 weights = gramian_backward(batch.values, inputs, weights_of, scale=scale)
-                return StepReport(batch.names, detached, weights.to(batch.values.dtype))
+                weights = weights.to(batch.values.dtype)
+                return StepReport(
+                    batch.names, detached, weights, scalars=self._failure_scalars(before)
+                )
             rows, (start, stop) = _per_task_rows(batch, inputs, scaler, features is not None)
             if overflowed():
                 # GradScaler will skip this step: compute nothing, and make every gradient say
@@ -921,7 +1034,7 @@ class GradientAggregation(Strategy):
                 else:
                     _backward_replacing(batch.values.sum(), inputs, direction, scaler)
                 weights = torch.ones_like(detached)
-        return StepReport(batch.names, detached, weights)
+        return StepReport(batch.names, detached, weights, scalars=self._failure_scalars(before))
 
 
 @contextlib.contextmanager
@@ -930,7 +1043,7 @@ def _solver_errors(strategy: Strategy) -> Iterator[None]:
     try:
         yield
     except torch.linalg.LinAlgError as error:
-        raise StrategyError(
+        raise SolverError(
             f"{type(strategy).__name__} could not compute its weights from this Jacobian "
             f"(degenerate or ill-conditioned Gramian): {error}"
         ) from error

@@ -10,13 +10,14 @@ from torch import Tensor
 
 from taskbalance.registry import register_strategy
 from taskbalance.solvers import cagrad_weights, solver_dtype
-from taskbalance.strategy import GradientAggregation, StrategyError
+from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError
 
 _SMOOTHING = 1e-12  # in units of the largest squared gradient norm, as in the solver
 
 
 @register_strategy(
     "cagrad",
+    stateful=True,  # the last dual solution, for on_failure="reuse"
     paper="Liu, Liu, Jin, Stone & Liu, 'Conflict-Averse Gradient Descent for Multi-task "
     "Learning', NeurIPS 2021, arXiv:2110.14048",
 )
@@ -46,6 +47,12 @@ class CAGrad(GradientAggregation):
       ``λ`` smoothed as ``√φ / √(‖g_w‖² + 1e-12·max_i ‖g_i‖²)`` (the official code adds 1e-8
       in raw units).
 
+    ``on_failure`` (default ``"reuse"``): when the dual solver does not converge, the step
+    reuses the previous step's dual solution ``w`` (``1/T`` each before any) with this step's
+    gradients, warns once and counts the fallback in the report; ``"raise"`` raises
+    :class:`~taskbalance.SolverError`. The official code takes whatever SLSQP returns and never
+    stops training, hence the default.
+
     ``c = 0`` gives the sum of the gradients. Scaling: every gradient times ``k > 0`` keeps the
     weights and multiplies the update by ``k``.
 
@@ -63,8 +70,9 @@ class CAGrad(GradientAggregation):
         rescale: int = 1,
         tol: float | None = None,
         max_iter: int = 200,
+        on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks)
+        super().__init__(tasks, on_failure=on_failure)
         if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
             raise StrategyError(f"c must be a finite number >= 0, got {c!r}")
         if rescale not in (0, 1, 2):
@@ -81,7 +89,9 @@ class CAGrad(GradientAggregation):
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         count = gramian.shape[0]
         work = gramian.to(solver_dtype(gramian.device))
-        dual = cagrad_weights(work, self.c, tol=self.tol, max_iter=self.max_iter)
+        dual = self.solved(
+            lambda: cagrad_weights(work, self.c, tol=self.tol, max_iter=self.max_iter), index
+        ).to(work.dtype)
         mean_norm = work.mean().clamp(min=0).sqrt()  # ‖g₀‖ = √(1ᵀG1) / T
         smoothing = _SMOOTHING * work.diagonal().max().clamp(min=0)
         combined_norm = (dual @ work @ dual + smoothing).clamp(min=0).sqrt()  # ‖g_w‖

@@ -11,6 +11,7 @@ from taskbalance.strategies.upgrad import UPGrad, present_preference
 
 @register_strategy(
     "dualproj",
+    stateful=True,  # the last weights, for on_failure="reuse"
     paper="Quinton & Rey, 'Jacobian Descent for Multi-Objective Optimization', 2024, "
     "arXiv:2406.16232",
 )
@@ -24,7 +25,7 @@ class DualProj(UPGrad):
 
     ``p_i = 1/k`` by default. ``J d ≥ 0`` (non-conflicting) and ``d(sJ) = s·d(J)``. When the mean
     conflicts with no task, ``d`` is the mean itself. The arguments ``pref_vector``, ``reg_eps``
-    (default ``1e-8``; TorchJD ``1e-4``), ``tol`` and ``max_iter`` are those of
+    (default ``1e-8``; TorchJD ``1e-4``), ``tol``, ``max_iter`` and ``on_failure`` are those of
     :class:`~taskbalance.strategies.upgrad.UPGrad`, with the same choices.
 
         >>> import torch, taskbalance as tb
@@ -36,6 +37,10 @@ class DualProj(UPGrad):
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         pref = present_preference(self.pref, index, gramian)
-        return project_weights(
-            gramian, pref, reg_eps=self.reg_eps, tol=self.tol, max_iter=self.max_iter
+        weights = self.solved(
+            lambda: project_weights(
+                gramian, pref, reg_eps=self.reg_eps, tol=self.tol, max_iter=self.max_iter
+            ),
+            index,
         )
+        return weights.to(gramian.dtype)

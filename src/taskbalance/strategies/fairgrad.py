@@ -10,7 +10,7 @@ from torch import Tensor
 
 from taskbalance.cone import solver_dtype
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import GradientAggregation, StrategyError
+from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError
 
 _ARMIJO = 1e-4
 _HALVINGS = 30
@@ -91,6 +91,7 @@ def fair_weights(
 
 @register_strategy(
     "fairgrad",
+    stateful=True,  # the last weights, for on_failure="reuse"
     paper="Ban & Ji, 'Fair Resource Allocation in Multi-Task Learning', ICML 2024, "
     "arXiv:2402.15638",
 )
@@ -108,10 +109,14 @@ class FairGrad(GradientAggregation):
     max-min fairness (MGDA-like). ``d(sJ) = s^((1−α)/(1+α))·d(J)``.
 
     Solved in torch by :func:`fair_weights` (damped Newton on the equivalent convex problem,
-    ``tol`` = 1e-8 relative residual, ``max_iter`` = 100); it raises
-    :class:`~taskbalance.StrategyError` instead of returning an unconverged answer. The official
-    code (and LibMTL's copy) calls ``scipy.optimize.least_squares`` every step from
-    ``w = 1/k`` and uses whatever it returns.
+    ``tol`` = 1e-8 relative residual, ``max_iter`` = 100), never returning an unconverged answer
+    as if it were one. The official code (and LibMTL's copy) calls
+    ``scipy.optimize.least_squares`` every step from ``w = 1/k`` and uses whatever it returns,
+    so training never stops on a hard step; here ``on_failure="reuse"`` (the default, for that
+    reason) takes the previous step's weights (``1/k`` each before any solution), warns once
+    and counts the fallback in the report, and ``"raise"`` raises
+    :class:`~taskbalance.SolverError`. A problem without solution (two opposite gradients: no
+    direction improves both) is such a failure.
 
     Defaults and reference code: ``alpha = 2.0``, the value of the official run scripts for
     CelebA and QM9 (the official ``FairGrad`` class defaults to 1.0; the paper reports several
@@ -133,8 +138,9 @@ class FairGrad(GradientAggregation):
         alpha: float = 2.0,
         tol: float = 1e-8,
         max_iter: int = 100,
+        on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks)
+        super().__init__(tasks, on_failure=on_failure)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise StrategyError(f"alpha must be a positive finite number, got {alpha!r}")
         if not (math.isfinite(tol) and tol > 0):
@@ -144,4 +150,7 @@ class FairGrad(GradientAggregation):
         self.alpha, self.tol, self.max_iter = float(alpha), tol, max_iter
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        return fair_weights(gramian, self.alpha, tol=self.tol, max_iter=self.max_iter)
+        weights = self.solved(
+            lambda: fair_weights(gramian, self.alpha, tol=self.tol, max_iter=self.max_iter), index
+        )
+        return weights.to(gramian.dtype)

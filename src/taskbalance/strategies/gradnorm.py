@@ -97,9 +97,10 @@ class GradNorm(LossWeighting):
         inputs = self._grad_inputs(shared_params, features)
         index, mask = batch.index, batch.mask
         with self.transaction():
-            norms = per_task_jacobian(batch, inputs, scaler).norm(dim=1).float()
+            dtype = self.task_weights.dtype
+            norms = per_task_jacobian(batch, inputs, scaler).norm(dim=1).to(dtype)
             current = self.loss_weights(batch.values, index).clone()
-            detached = batch.values.detach().float()
+            detached = batch.values.detach().to(dtype)
             initial = torch.where(self.seen[index], self.initial_losses[index], detached)
             ratios = detached / initial
             rates = ratios / ratios.mean()

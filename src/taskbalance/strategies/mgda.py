@@ -10,7 +10,7 @@ from torch import Tensor
 
 from taskbalance.registry import register_strategy
 from taskbalance.solvers import min_norm_weights
-from taskbalance.strategy import GradientAggregation, StrategyError
+from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -18,6 +18,7 @@ _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 @register_strategy(
     "mgda",
+    stateful=True,  # the last weights, for on_failure="reuse"
     paper="Sener & Koltun, 'Multi-Task Learning as Multi-Objective Optimization', NeurIPS 2018, "
     "arXiv:1810.04650",
 )
@@ -33,8 +34,8 @@ class MGDA(GradientAggregation):
     the step decreases every loss to first order. Two tasks have the closed form
     ``w₁ = clip((g₂ − g₁)ᵀg₂ / ‖g₁ − g₂‖², 0, 1)`` (the paper's Algorithm 1); more tasks are
     solved by :func:`taskbalance.solvers.min_norm_weights` in torch (the paper uses Frank–Wolfe;
-    here an interior-point Newton method stopped on the Frank–Wolfe duality gap, which raises
-    :class:`~taskbalance.StrategyError` instead of returning an unconverged point).
+    here an interior-point Newton method stopped on the Frank–Wolfe duality gap; an unconverged
+    solve is a failure handled by ``on_failure``, never returned as if it were the answer).
 
     ``normalization`` rescales the gradients before the weights are solved for, as the
     authors' code does (it is not in the paper): ``"none"`` (the default: the paper's method),
@@ -49,6 +50,12 @@ class MGDA(GradientAggregation):
     Nash-MTL's copy multiplies them by the number of tasks). With ``features=`` the gradients
     are taken w.r.t. the shared representation: that is MGDA-UB, the paper's upper-bound
     approximation (Sec. 3.3), one backward per task through the heads only.
+
+    ``on_failure`` (default ``"reuse"``): when the solver does not reach ``tol`` in
+    ``max_iter`` iterations, the step takes the previous step's weights (equal weights before
+    any solution), warns once and counts the fallback in the report; ``"raise"`` raises
+    :class:`~taskbalance.SolverError` instead. The default follows the authors' code, whose
+    Frank–Wolfe loop returns its last iterate at the iteration cap and never stops training.
 
     Scaling: multiplying every gradient by ``k > 0`` keeps the weights and multiplies the
     update by ``k``.
@@ -66,8 +73,9 @@ class MGDA(GradientAggregation):
         normalization: Normalization = "none",
         tol: float | None = None,
         max_iter: int = 200,
+        on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks)
+        super().__init__(tasks, on_failure=on_failure)
         if normalization not in _NORMALIZATIONS:
             raise StrategyError(
                 f"normalization must be one of {list(_NORMALIZATIONS)}, got {normalization!r}"
@@ -97,4 +105,7 @@ class MGDA(GradientAggregation):
             # A zero gradient stays zero: divide by 1 there.
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             gramian = gramian / torch.outer(scale, scale)
-        return min_norm_weights(gramian, tol=self.tol, max_iter=self.max_iter)
+        weights = self.solved(
+            lambda: min_norm_weights(gramian, tol=self.tol, max_iter=self.max_iter), index
+        )
+        return weights.to(gramian.dtype)

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from taskbalance.jacobian import backward_with_direction
 from taskbalance.registry import register_strategy
-from taskbalance.solvers import nash_weights
-from taskbalance.strategy import GradientAggregation, StepReport, StrategyError, scaled_backward
+from taskbalance.solvers import nash_weights, solver_dtype
+from taskbalance.strategy import (
+    GradientAggregation,
+    OnFailure,
+    StepReport,
+    StrategyError,
+    _plain_parameters,
+    _scale_factor,
+    overflowed,
+    per_task_jacobian,
+    scaled_backward,
+)
+
+_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: max_norm / (‖d‖ + 1e-6)
 
 
 @register_strategy(
@@ -35,28 +49,34 @@ class NashMTL(GradientAggregation):
     The system is solved in torch by :func:`taskbalance.solvers.nash_weights`: Newton's method
     on the convex ``½ αᵀGα − Σ log α_i`` (closed form ``α_i = 1/(‖g_i‖√(1 + cos θ))`` for two
     tasks). The official code runs ``optim_niter = 20`` concave-convex iterations of a cvxpy
-    (ECOS) problem per step, and keeps the previous ``α`` when the solver fails; LibMTL's copy
-    keeps ``α = 1``. Here ``optim_niter`` caps the Newton steps (default 50: well-conditioned
-    problems converge in under 10) and a problem without a solution — a zero task gradient,
-    two opposite gradients, any non-negative combination of gradients that vanishes — or one
-    that does not reach ``tol`` (``max_i |α_i(Gα)_i − 1|``, default 1e-6) raises
-    :class:`~taskbalance.StrategyError`. Nothing falls back in silence.
+    (ECOS) problem per step. Here ``optim_niter`` caps the Newton steps (default 50:
+    well-conditioned problems converge in under 10), and ``tol`` is the accepted residual
+    ``max_i |α_i(Gα)_i − 1|`` (default 1e-6).
 
+    * ``on_failure`` (default ``"reuse"``): the problem has no solution when a non-negative
+      combination of the task gradients vanishes (a zero gradient, two opposite gradients — as
+      at a Pareto front), or the solver may not reach ``tol``. ``"reuse"`` then takes the
+      previous step's ``α`` (``α = 1`` before any solution), warns once and counts the fallback
+      in the report (``failed``, ``failures``), as the official code keeps its previous ``α``
+      when ECOS fails (it starts from ``α = 1``) and goes on training; hence the default.
+      ``"raise"`` raises :class:`~taskbalance.SolverError`. (LibMTL's copy silently keeps
+      ``α = 1``.)
     * ``update_weights_every`` (default 1): solve for ``α`` every that many steps and reuse
-      the last weights in between. Steps that reuse them skip the per-task gradients entirely
-      (one ordinary backward). The step counter is a buffer; with a value above 1 reading it
-      costs one host sync per step. With partial labels a reused step takes the stored
-      weights of the tasks present.
-    * ``max_norm`` (default 1.0, as in the official code; 0 disables): the official code
-      clips the norm of the shared parameters' gradient at ``max_norm`` after the backward.
-      Here the clip is folded into the weights, ``α ← α · min(1, max_norm / ‖d‖)``, with
-      ``‖d‖² = αᵀGα = Σ_i α_i (Gα)_i = k`` for ``k`` tasks present (exact at the solution,
-      to ``tol`` here; ``d`` w.r.t. the tensors passed as ``shared_params`` or ``features``):
-      the shared update is the official clipped one (up to ``clip_grad_norm_``'s 1e-6), and
-      the task heads get the same factor (the official code leaves them unclipped). So the
-      default clip is active for two tasks or more.
-    * The weights after clipping are kept in the buffer ``alpha`` (per task) for reuse and
-      reported as the task weights.
+      the last solution in between, as the official code does. A step that reuses it takes no
+      per-task gradients: one gradient of ``Σ α_i L_i`` w.r.t. the shared tensors gives this
+      step's ``‖d‖`` for the clip, and one backward finishes (heads only, for parameters). The
+      step counter is a buffer; with a value above 1 reading it costs one host sync per step.
+      With partial labels a reused step takes the stored ``α`` of the tasks present (``α = 1``
+      for all of them if one has none yet).
+    * ``max_norm`` (default 1.0, as in the official code; 0 disables): the official code calls
+      ``clip_grad_norm_(shared_parameters, max_norm)`` after every backward, reused weights
+      included. Here the clip is folded into the weights, ``α ← α · min(1, max_norm /
+      (‖d‖ + 1e-6))`` with this step's ``‖d‖² = αᵀGα`` (``d`` w.r.t. the tensors passed as
+      ``shared_params`` or ``features``), so the shared update is the official clipped one,
+      and the task heads get the same factor (the official code leaves them unclipped). The
+      default clip is active whenever ``‖d‖ > 1``, e.g. at the solution for two tasks or more.
+    * The reported task weights are the clipped ``α``; the stored solution (buffer
+      ``last_weights``) is the unclipped one, re-clipped on every step that uses it.
 
     Scaling: ``d`` does not change when the gradients are scaled, jointly or per task.
 
@@ -66,7 +86,6 @@ class NashMTL(GradientAggregation):
         tensor([1., 1.])
     """
 
-    alpha: Tensor
     step: Tensor
 
     def __init__(
@@ -77,8 +96,9 @@ class NashMTL(GradientAggregation):
         max_norm: float = 1.0,
         optim_niter: int = 50,
         tol: float = 1e-6,
+        on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks)
+        super().__init__(tasks, on_failure=on_failure)
         if not (isinstance(update_weights_every, int) and update_weights_every >= 1):
             raise StrategyError(
                 f"update_weights_every must be an integer >= 1, got {update_weights_every!r}"
@@ -93,25 +113,33 @@ class NashMTL(GradientAggregation):
         self.max_norm = float(max_norm)
         self.optim_niter = optim_niter
         self.tol = float(tol)
-        self.register_buffer("alpha", torch.ones(len(self.tasks)))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def _reuses(self) -> bool:
         every = self.update_weights_every
         return every > 1 and int(self.step) % every != 0  # one host sync, only when every > 1
 
+    def _clipped(self, alpha: Tensor, squared_norm: Tensor) -> Tensor:
+        """``α · min(1, max_norm / (‖d‖ + 1e-6))``: clip_grad_norm_ of ``d``, folded into α."""
+        if self.max_norm == 0:
+            return alpha
+        norm = squared_norm.clamp(min=0).sqrt()
+        return alpha * (self.max_norm / (norm + _CLIP_EPS)).clamp(max=1.0).to(alpha.dtype)
+
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         if self._reuses():
-            self.step += 1
-            return self.alpha[index].to(gramian.dtype)
-        alpha = nash_weights(gramian, tol=self.tol, max_iter=self.optim_niter)
-        if self.max_norm > 0:
-            # ‖d‖² = αᵀGα = Σ α_i (Gα)_i = k at the solution (to the solver's tolerance).
-            alpha = alpha * min(1.0, self.max_norm / math.sqrt(gramian.shape[0]))
+            alpha = self.previous_weights(index, equal="sum")
+        else:
+            alpha = self.solved(
+                lambda: nash_weights(gramian, tol=self.tol, max_iter=self.optim_niter),
+                index,
+                equal="sum",
+            )
         with torch.no_grad():
-            self.alpha[index] = alpha.to(self.alpha.dtype)
             self.step += 1
-        return alpha.to(gramian.dtype)
+        work = alpha.to(solver_dtype(gramian.device))
+        squared_norm = work @ gramian.to(work.dtype) @ work  # ‖d‖² of this step's gradients
+        return self._clipped(alpha, squared_norm).to(gramian.dtype)
 
     def backward(
         self,
@@ -125,13 +153,32 @@ class NashMTL(GradientAggregation):
             return super().backward(
                 losses, shared_params=shared_params, features=features, scaler=scaler
             )
-        # A step between updates: the stored weights, no per-task gradients.
+        # A step between solves: the stored α, and no per-task gradients.
         batch = self.gather(losses)
         self._require_graph(batch)
-        self._grad_inputs(shared_params, features)  # same argument checks as an update step
+        inputs = self._grad_inputs(shared_params, features)
+        before = self._failure_count()
         with self.transaction():
-            weights = self.alpha[batch.index].to(batch.values.dtype)
-            scaled_backward((weights * batch.values).sum(), scaler)
+            weights = self.previous_weights(batch.index, equal="sum").to(batch.values.dtype)
+            direction = None
+            if self.max_norm > 0:
+                # The official code clips every step with that step's gradients: ‖Σ α_i g_i‖.
+                combined = dataclasses.replace(
+                    batch, names=("nash_mtl",), values=torch.stack([weights @ batch.values])
+                )
+                direction = per_task_jacobian(combined, inputs, scaler)[0]
+                factor = self._clipped(torch.ones_like(weights[:1]), direction.square().sum())
+                weights = weights * factor
+                direction = direction * factor.to(direction.dtype)
+            if overflowed():  # GradScaler skips this step: NaN gradients and weights
+                weights = torch.full_like(weights, math.nan)
+            total = (weights * batch.values).sum()
+            if direction is not None and not overflowed() and _plain_parameters(batch, inputs):
+                # The shared parameters get the clipped d; only the heads are backpropagated.
+                backward_with_direction(total, inputs, direction, scale=_scale_factor(scaler))
+            else:
+                scaled_backward(total, scaler)
             with torch.no_grad():
                 self.step += 1
-        return StepReport(batch.names, batch.values.detach(), weights)
+        scalars = self._failure_scalars(before)
+        return StepReport(batch.names, batch.values.detach(), weights, scalars=scalars)

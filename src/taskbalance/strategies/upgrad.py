@@ -10,7 +10,7 @@ from torch import Tensor
 
 from taskbalance.cone import project_weights
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import GradientAggregation, StrategyError, per_task_vector
+from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError, per_task_vector
 
 
 def check_cone_arguments(reg_eps: float, tol: float, max_iter: int) -> None:
@@ -43,6 +43,7 @@ def present_preference(pref: Tensor, index: Tensor, like: Tensor) -> Tensor:
 
 @register_strategy(
     "upgrad",
+    stateful=True,  # the last weights, for on_failure="reuse"
     paper="Quinton & Rey, 'Jacobian Descent for Multi-Objective Optimization', 2024, "
     "arXiv:2406.16232",
 )
@@ -70,7 +71,11 @@ class UPGrad(GradientAggregation):
       ``g_i·d ≥ −reg_eps·tr(G)·w_i``. TorchJD uses ``1e-4``; ``1e-8`` keeps the promised
       no-conflict property much tighter while still making the problem strictly convex.
     * ``tol`` (``1e-7``), ``max_iter`` (``100``): the QP solver's relative KKT tolerance and
-      iteration cap; an unconverged solve raises :class:`~taskbalance.StrategyError`.
+      iteration cap. An unconverged solve is a failure: ``on_failure="reuse"`` (default) takes
+      the previous step's weights (the mean before any solution), warns once and counts it in
+      the report; ``"raise"`` raises :class:`~taskbalance.SolverError`. TorchJD's quadprog
+      solver raises; the default here keeps training going as the MGDA, CAGrad and Nash-MTL
+      reference code does, and says so.
 
     TorchJD's ``norm_eps`` (a Gramian with trace below an absolute threshold is treated as zero)
     is not adopted: it makes the result depend on the scale of the losses. A zero Gramian gives
@@ -96,8 +101,9 @@ class UPGrad(GradientAggregation):
         reg_eps: float = 1e-8,
         tol: float = 1e-7,
         max_iter: int = 100,
+        on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks)
+        super().__init__(tasks, on_failure=on_failure)
         check_cone_arguments(reg_eps, tol, max_iter)
         self.reg_eps, self.tol, self.max_iter = reg_eps, tol, max_iter
         # A constructor argument, not state: kept out of the state_dict.
@@ -105,11 +111,12 @@ class UPGrad(GradientAggregation):
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         pref = present_preference(self.pref, index, gramian)
-        weights = project_weights(
-            gramian,
-            torch.diag(pref),
-            reg_eps=self.reg_eps,
-            tol=self.tol,
-            max_iter=self.max_iter,
-        )
-        return weights.sum(0)
+
+        def solve() -> Tensor:
+            projected = project_weights(
+                gramian, torch.diag(pref), reg_eps=self.reg_eps, tol=self.tol,
+                max_iter=self.max_iter,
+            )  # fmt: skip
+            return projected.sum(0)
+
+        return self.solved(solve, index).to(gramian.dtype)
