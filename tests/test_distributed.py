@@ -7,12 +7,15 @@ batch without torch.distributed. The tests then check, per strategy and path:
 
 * the two ranks report the same weights and end every step with the same parameters and the
   same strategy state (bit for bit);
-* for deterministic strategies, 2 ranks × batch b equal 1 process × batch 2b (allclose: the
-  summation order differs);
+* 2 ranks × batch b equal 1 process × batch 2b (allclose: the summation order differs), random
+  strategies included: both runs seed torch identically before building the strategy, so they
+  draw the same numbers;
 
 and, once, that a NaN loss on one rank or a task missing on one rank raises on both ranks
-instead of leaving one waiting in a collective, and that an overflow injected on one rank under
-``GradScaler`` is skipped by both ranks with the strategy state untouched.
+instead of leaving one waiting in a collective, that an overflow injected on one rank under
+``GradScaler`` is skipped by both ranks with the strategy state untouched, that
+``GradientAccumulator`` under DDP takes the one-process step, that ``all_reduce_mean`` is a mean,
+and that evaluation on rank 0 alone issues no collective.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 
 import taskbalance as tb
 from taskbalance import distributed
+from taskbalance.accumulation import GradientAccumulator
 
 TASKS = ("a", "b", "c")
 PATHS = ("shared_params", "features")
@@ -101,9 +105,16 @@ def count_collectives() -> Iterator[dict[str, int]]:
             setattr(dist, name, original)
 
 
+def make_strategy(name: str) -> tb.Strategy:
+    # The same global seed in both runs: rlw takes its seed from it, the others' default seeds
+    # are fixed, so 2 ranks and 1 process draw the same weights, orders and masks.
+    torch.manual_seed(1)
+    return tb.create_strategy(name, TASKS)
+
+
 def train(name: str, path: str, model: nn.Module, inner: Net, rank: int | None) -> dict[str, Any]:
     """STEPS steps of SGD; ``rank`` None trains on the whole batch in one process."""
-    strategy = tb.create_strategy(name, TASKS)
+    strategy = make_strategy(name)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     weights = []
     for step in range(STEPS):
@@ -129,6 +140,79 @@ def train(name: str, path: str, model: nn.Module, inner: Net, rank: int | None) 
     }
 
 
+ACCUMULATED = ("uncertainty", "mgda")  # a loss weighting with learned state, a Gramian method
+
+
+def accumulate(name: str, model: nn.Module, inner: Net, rank: int | None) -> dict[str, Any]:
+    """Two optimizer steps of two micro-batches each through GradientAccumulator."""
+    strategy = make_strategy(name)
+    optimizer = torch.optim.SGD(inner.parameters(), lr=0.1)
+    accumulator = GradientAccumulator(
+        strategy, inner.parameters(), shared_params=inner.trunk.parameters()
+    )
+    weights = []
+    for step in range(2):
+        x, y = global_batch(step) if rank is None else local_batch(step, rank)
+        optimizer.zero_grad()
+        # No DDP backward runs: the accumulator reduces once, in step().
+        sync = model.no_sync() if rank is not None else contextlib.nullcontext()
+        with sync:
+            for xb, yb in zip(x.chunk(2), y.chunk(2)):
+                _, outputs = model(xb)
+                accumulator.backward(task_losses(outputs, yb))
+        weights.append(accumulator.step().weight_values.clone())
+        optimizer.step()
+    return {
+        "weights": torch.stack(weights),
+        "params": [p.detach().clone() for p in inner.parameters()],
+        "state": {k: v.clone() for k, v in strategy.state_dict().items() if isinstance(v, Tensor)},
+    }
+
+
+@contextlib.contextmanager
+def refuse_collectives() -> Iterator[list[str]]:
+    """Record and refuse (raise instead of waiting for the other ranks) every collective."""
+    issued: list[str] = []
+    names = [n for n in ("all_reduce", "all_gather", "broadcast", "barrier") if hasattr(dist, n)]
+    originals = {name: getattr(dist, name) for name in names}
+
+    def refusing(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            issued.append(name)
+            raise RuntimeError(f"{name} issued during evaluation")
+
+        return call
+
+    for name in names:
+        setattr(dist, name, refusing(name))
+    try:
+        yield issued
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _evaluation() -> dict[str, list[str]]:
+    """Rank 0 alone evaluates every strategy in ``.eval()`` mode, on losses that have a graph
+    (grad mode on) and under ``torch.no_grad()``: the collectives issued, or the error."""
+    out: dict[str, list[str]] = {}
+    inner = Net()
+    x, y = local_batch(0, 0)
+    for name in tb.list_strategies():
+        strategy = make_strategy(name).eval()
+        _, outputs = inner(x)
+        losses = task_losses(outputs, y)
+        with refuse_collectives() as issued:
+            try:
+                strategy(losses)
+                with torch.no_grad():
+                    strategy(losses)
+            except Exception as error:
+                issued.append(f"error: {error}")
+        out[name] = issued
+    return out
+
+
 def _faults(rank: int) -> dict[str, str]:
     """Faults on one rank only; every rank must raise the same error (or skip the same step)."""
     out: dict[str, str] = {}
@@ -152,6 +236,17 @@ def _faults(rank: int) -> dict[str, str]:
         out["split"] = "no error"
     except tb.StrategyError as error:
         out["split"] = str(error)
+    # GradDrop's features rule needs the same feature shapes on every rank: one sample fewer on
+    # rank 1 must raise on both ranks, before any mask is drawn.
+    graddrop = tb.create_strategy("graddrop", TASKS)
+    before = graddrop.rng_state.clone()
+    features, outputs = nn.parallel.DistributedDataParallel(Net())(x if rank == 0 else x[1:])
+    try:
+        graddrop.backward(task_losses(outputs, y if rank == 0 else y[1:]), features=features)
+        out["shapes"] = "no error"
+    except tb.StrategyError as error:
+        out["shapes"] = str(error)
+    out["shapes_state_same"] = str(torch.equal(before, graddrop.rng_state))
     return out
 
 
@@ -227,6 +322,23 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, names: list[str]
                 except Exception:  # recorded, so that one failing strategy fails its own test
                     results[f"{name}/{path}"] = {"error": traceback.format_exc()}
                     dist.barrier()
+        for name in ACCUMULATED:
+            try:
+                inner = Net()
+                model = nn.parallel.DistributedDataParallel(inner)
+                results[f"accumulate/{name}"] = accumulate(name, model, inner, rank)
+            except Exception:
+                results[f"accumulate/{name}"] = {"error": traceback.format_exc()}
+                dist.barrier()
+        value = torch.tensor([float(rank + 1)])
+        results["reduce"] = {
+            "mean": distributed.all_reduce_mean(value),
+            "sum": distributed.all_reduce_sum(value),
+            "rank": distributed.rank(),
+        }
+        if rank == 0:  # the other rank waits at the barrier: a collective here would fail
+            results["evaluation"] = _evaluation()
+        dist.barrier()
         results["faults"] = _faults(rank)
         results["overflow"] = _overflow(rank)
         results["partial"] = _partial(rank)
@@ -249,6 +361,9 @@ def run_single(names: list[str]) -> dict[str, Any]:
         for path in PATHS:
             inner = Net()
             out[f"{name}/{path}"] = train(name, path, inner, inner, None)
+    for name in ACCUMULATED:
+        inner = Net()
+        out[f"accumulate/{name}"] = accumulate(name, inner, inner, None)
     return out
 
 
@@ -282,9 +397,6 @@ def test_ranks_agree(runs: tuple[list[dict[str, Any]], dict[str, Any]], name: st
 def test_two_ranks_equal_one_process_with_twice_the_batch(
     runs: tuple[list[dict[str, Any]], dict[str, Any]], name: str, path: str
 ) -> None:
-    info = tb.registry.strategy_info(name)
-    if not info.deterministic:
-        pytest.skip("random draws: ranks agree (tested above) but the draws follow the ranks")
     ranked, _ = _result(runs[0], f"{name}/{path}")
     single = runs[1][f"{name}/{path}"]
     # The reported losses are the global means: the full-batch losses.
@@ -306,7 +418,8 @@ def test_one_sync_point_per_step(
     """The communication documented in taskbalance.distributed: an all-reduce of the loss vector
     (2T numbers) per ``gather``; gradient methods add one all-reduce of the Jacobian
     (shared_params) or one all-gather of its blocks after one of their sizes (features). DDP's
-    reducer comes on top (C++, not counted). db_mtl gathers twice (two tiny all-reduces)."""
+    reducer comes on top (C++, not counted). db_mtl gathers twice (two tiny all-reduces);
+    graddrop on features adds one all-reduce of its batch-summed signed gradients."""
     ranked, _ = _result(runs[0], f"{name}/{path}")
     small, reduces, gathers = ranked["collectives"].tolist()
     assert small == (2 if name == "db_mtl" else 1) + (path == "features" and gathers > 0)
@@ -315,7 +428,44 @@ def test_one_sync_point_per_step(
     elif path == "shared_params":
         assert (reduces, gathers) == (1, 0)
     else:
-        assert (reduces, gathers) == (0, 1)
+        assert (reduces, gathers) == ((1 if name == "graddrop" else 0), 1)
+
+
+@pytest.mark.parametrize("name", ACCUMULATED)
+def test_accumulation_under_ddp_equals_one_process(
+    runs: tuple[list[dict[str, Any]], dict[str, Any]], name: str
+) -> None:
+    """2 ranks × 2 micro-batches of b/2 take the step of 1 process × 2 micro-batches of b: the
+    accumulated update is averaged over the ranks once (as DDP would), not left local."""
+    first, second = _result(runs[0], f"accumulate/{name}")
+    single = runs[1][f"accumulate/{name}"]
+    for a, b in zip(first["params"], second["params"]):
+        assert torch.equal(a, b), "ranks ended with different parameters"
+    torch.testing.assert_close(first["weights"], single["weights"], rtol=1e-4, atol=1e-6)
+    for a, b in zip(first["params"], single["params"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for key, value in single["state"].items():
+        torch.testing.assert_close(
+            first["state"][key], value, rtol=1e-4, atol=1e-6, msg=f"state {key!r}"
+        )
+
+
+def test_reduce_helpers(runs: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+    """Ranks hold 1 and 2: the mean is 1.5 (not the sum, which every rank would apply alike)."""
+    for rank, result in enumerate(r["reduce"] for r in runs[0]):
+        assert result["mean"].tolist() == [1.5]
+        assert result["sum"].tolist() == [3.0]
+        assert result["rank"] == rank
+
+
+@pytest.mark.parametrize("name", tb.list_strategies())
+def test_evaluation_on_one_rank_issues_no_collective(
+    runs: tuple[list[dict[str, Any]], dict[str, Any]], name: str
+) -> None:
+    """``.eval()`` mode never communicates, even on losses with a graph and grad mode on:
+    evaluating on rank 0 alone must not leave it waiting for the other rank."""
+    issued = runs[0][0]["evaluation"][name]
+    assert issued == [], f"evaluation issued {issued}"
 
 
 def test_fault_on_one_rank_raises_on_every_rank(
@@ -326,6 +476,8 @@ def test_fault_on_one_rank_raises_on_every_rank(
     assert faults[1]["nan"].startswith("loss of task 'b' is not finite")
     for rank in faults:
         assert "task 'b' is in the losses of 1 of 2 ranks" in rank["split"]
+        assert "needs features of the same shape on every rank" in rank["shapes"]
+        assert rank["shapes_state_same"] == "True", "graddrop drew masks before raising"
 
 
 def test_overflow_on_one_rank_is_skipped_by_every_rank(

@@ -30,7 +30,9 @@ How it works (the base classes call the two functions below; no strategy has to)
   ``Σ w_i L_i`` backward then goes through DDP once, which averages it: nothing is reduced
   twice. Methods that write a vector instead of weights (GradDrop) write the global direction
   (parameters: identical on every rank, so DDP's average leaves it as it is; features: the
-  rank's own block, times the number of ranks to undo DDP's average).
+  rank's own block, times the number of ranks to undo DDP's average). GradDrop's features rule
+  also needs the signs of every rank's activations: it all-reduces (:func:`all_reduce_sum`) its
+  batch-summed signed gradients, ``k`` × the per-example size.
 * **Overflow and NaN.** A non-finite loss on any rank makes the global mean non-finite, so every
   rank raises :class:`~taskbalance.NonFiniteLossError` together instead of one rank leaving the
   others waiting in a collective. Every rank must pass the same tasks in a step (checked in the
@@ -65,6 +67,8 @@ gradient methods (mgda, pcgrad, cagrad,   the ``2T`` all-reduce, plus one all-re
 nash_mtl, imtl_g, aligned_mtl, upgrad,    ``k × P`` Jacobian (shared_params), or an
 dualproj, config, fairgrad, moco,         all-gather of the ``k × F`` Jacobian blocks and
 graddrop, gradvac, ...)                   of their sizes (features)
+graddrop with features                    the above, plus one all-reduce of ``k·F/B + 1``
+                                          numbers (``B`` the local batch size)
 ========================================  ==================================================
 
 The Jacobian all-reduce costs ``k`` times DDP's own traffic for the shared part, the price of
@@ -82,7 +86,9 @@ from torch import Tensor
 __all__ = [
     "LOCAL",
     "all_reduce_mean",
+    "all_reduce_sum",
     "is_distributed",
+    "rank",
     "reduce_losses",
     "reduce_rows",
     "resolve_group",
@@ -108,6 +114,20 @@ def resolve_group(group: Any = None) -> Any:
 def world_size(group: Any = None) -> int:
     """The number of ranks in ``group`` (1 when torch.distributed is not in use)."""
     return dist.get_world_size(group) if is_distributed(group) else 1
+
+
+def rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (0 when torch.distributed is not in use)."""
+    return dist.get_rank(group) if is_distributed(group) else 0
+
+
+def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
+    """The sum of ``tensor`` over the ranks (a new tensor); ``tensor`` itself off distributed."""
+    if not is_distributed(group):
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total
 
 
 def all_reduce_mean(tensor: Tensor, group: Any = None) -> Tensor:

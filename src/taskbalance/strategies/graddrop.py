@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from taskbalance import distributed
 from taskbalance.registry import register_strategy
 from taskbalance.strategies.gradvac import draw, new_generator_state
 from taskbalance.strategy import GradientAggregation, StrategyError, per_task_vector
@@ -41,15 +42,19 @@ class GradDrop(GradientAggregation):
     * ``features=`` (the paper's setting: a layer of activations ``A`` with the batch first). As
       in the paper for batch-separated activations (and LibMTL), ``P`` and the masks use the
       batch-marginalised gradients ``Σ_b sign(A_b) ∘ ∇_{A_b} L_i``; one mask per activation unit
-      is then applied to every example's gradient. (Under DistributedDataParallel, where the
-      feature rows are gathered across ranks, the per-entry rule below is used instead.)
+      is then applied to every example's gradient. Under DistributedDataParallel the rule sees
+      the global batch (the ranks' batches stacked along dimension 0): 2 ranks × batch ``b``
+      take the step of 1 process × batch ``2b``. This costs one all-reduce of ``k`` × the
+      per-example size on top of the Jacobian's all-gather, as only a rank knows the signs of
+      its own activations, and needs features of the same shape on every rank (equal batches,
+      as a ``DistributedSampler`` gives; otherwise every rank raises ``StrategyError``).
     * ``shared_params=`` and ``aggregate(J)``: the rule is applied to each entry of the flat
       Jacobian rows (TorchJD's aggregator). This is GradDrop on parameter gradients, which the
       paper does not study (LibMTL refuses it).
 
     Random numbers: each step draws one seed from a CPU generator whose state is the buffer
     ``rng_state`` (seeded with ``seed``), then ``U`` on the gradients' device from it: a resumed
-    run draws the same masks.
+    run draws the same masks, and so does every rank (the same ``seed``), for the global tensor.
     """
 
     leak: Tensor
@@ -115,20 +120,68 @@ class GradDrop(GradientAggregation):
         index: Tensor,
         features: Sequence[Tensor] | None = None,
     ) -> Tensor:
-        if features is not None:
-            for tensor in features:
-                if tensor.dim() < 2:
-                    raise StrategyError(
-                        "features for graddrop must have a batch dimension first, got shape "
-                        f"{tuple(tensor.shape)}"
-                    )
-        if features is None or jacobian.shape[1] != sum(t.numel() for t in features):
-            # shared_params, aggregate(J), or features whose rows were gathered across ranks
+        if features is None:  # shared_params or aggregate(J)
             return self._entrywise(jacobian, index)
+        for tensor in features:
+            if tensor.dim() < 2:
+                raise StrategyError(
+                    "features for graddrop must have a batch dimension first, got shape "
+                    f"{tuple(tensor.shape)}"
+                )
+        return self._batch_marginalised(jacobian, index, features)
+
+    def _batch_marginalised(
+        self, jacobian: Tensor, index: Tensor, features: Sequence[Tensor]
+    ) -> Tensor:
+        """The rule on batch-first activations; under DDP on the global batch.
+
+        The rows are ``[k, R·F]``: the ranks' blocks ``[k, F]`` side by side in rank order, each
+        this rank's layout of its own feature tensors (``R = 1`` in one process). So the rows
+        are the global batch, and one all-reduce of the batch-summed ``sign(A_b) ∘ ∇_{A_b} L_i``
+        (``k`` × the per-example size, only this rank knows its signs) makes ``P`` and the masks
+        those of one process holding the ranks' batches stacked along dimension 0.
+        """
+        k = jacobian.shape[0]
+        sizes = [t.numel() for t in features]
+        local = sum(sizes)
+        gathered = jacobian.shape[1] != local
+        group = self.process_group
+        if gathered and not distributed.is_distributed(group):
+            raise StrategyError(
+                f"graddrop: the rows have {jacobian.shape[1]} columns for features with {local} "
+                "entries"
+            )
+        group = distributed.resolve_group(group) if gathered else None
+        ranks = distributed.world_size(group) if gathered else 1
+        aligned = jacobian.shape[1] == ranks * local  # every rank has the same feature shapes
+        if aligned:
+            blocks = jacobian.reshape(k, ranks, local)
+            own = blocks[:, distributed.rank(group) if gathered else 0]
+        else:  # joins the all-reduce below anyway, so that every rank raises together
+            own = jacobian.new_zeros(k, local)
+        signed = [
+            (piece.reshape(k, *tensor.shape) * tensor.detach().sign())
+            .sum(1)
+            .to(jacobian.dtype)
+            .reshape(k, -1)
+            for piece, tensor in zip(own.split(sizes, dim=1), features)
+        ]
+        if gathered:
+            # Non-negative per rank, so the sum is 0 only if every rank is aligned: one verdict.
+            mismatch = jacobian.new_tensor([abs(ranks * local - jacobian.shape[1])])
+            flat = torch.cat([*(part.reshape(-1) for part in signed), mismatch])
+            total = distributed.all_reduce_sum(flat, group)
+            if bool(total[-1] != 0):
+                raise StrategyError(
+                    "graddrop with features= under DDP needs features of the same shape on "
+                    f"every rank; this rank's have {local} entries, the {ranks} ranks' "
+                    f"{jacobian.shape[1]} together"
+                )
+            widths = [part.numel() for part in signed]
+            signed = [part.reshape(k, -1) for part in total[:-1].split(widths)]
         pieces = []
-        for block, tensor in zip(jacobian.split([t.numel() for t in features], dim=1), features):
-            grads = block.reshape(block.shape[0], *tensor.shape)  # [k, B, ...]
-            signed = (grads * tensor.detach().sign()).sum(1)  # batch-marginalised [k, ...]
-            keep = self._keep(signed, index).unsqueeze(1)  # one mask per unit, every example
-            pieces.append((keep * grads).sum(0).reshape(-1))
-        return torch.cat(pieces)
+        for piece, part, tensor in zip(blocks.split(sizes, dim=2), signed, features):
+            grads = piece.reshape(k, ranks, *tensor.shape)  # [k, R, B, ...]
+            keep = self._keep(part.reshape(k, *tensor.shape[1:]), index)  # one per unit
+            pieces.append((keep[:, None, None] * grads).sum(0).reshape(ranks, -1))
+        return torch.cat(pieces, dim=1).reshape(-1)
