@@ -66,6 +66,8 @@ def _bad_inputs(problem: ToyProblem) -> list[tuple[str, dict[str, Any], str]]:
         ("unknown task", {**losses, "zzz": losses["a"]}, "'zzz'"),
         ("non-scalar", {**losses, "b": losses["b"].expand(3)}, "'b'"),
         ("no graph", {t: v.detach() for t, v in losses.items()}, "require grad"),
+        # One task detached while the others train: silently untrained before, now an error.
+        ("one without graph", {**losses, "b": losses["b"].detach()}, "task 'b' has no graph"),
         ("empty", {}, "empty"),
         ("integer", {**losses, "c": torch.tensor(2)}, "'c' must be floating point"),
         ("complex", {**losses, "c": torch.tensor(1 + 2j)}, "'c' must be floating point"),
@@ -89,6 +91,55 @@ def test_bad_losses_name_the_culprit_and_change_nothing(name: str) -> None:
                 with pytest.raises(tb.StrategyError, match=fragment):
                     strategy(bad)  # the plain combination checks the same way
                 _assert_same_state(before, strategy)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_evaluation_without_graph_is_still_allowed(name: str) -> None:
+    strategy, problem = _make(name), ToyProblem.create(TASKS)
+    with torch.no_grad():
+        losses, _ = problem.losses(0)
+        value = strategy(losses)
+    assert value.dim() == 0 and torch.isfinite(value)
+    partly, _ = problem.losses(0)  # eval mode on a mix of losses is evaluation too, if no_grad
+    with torch.no_grad():
+        strategy.eval()({**partly, "b": partly["b"].detach()})
+
+
+@pytest.fixture
+def float64_default() -> Any:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_strategy_trains_under_a_float64_default(
+    name: str, path: str, float64_default: Any
+) -> None:
+    """``torch.set_default_dtype(torch.float64)``: every floating state tensor (learned
+    parameters and their optimizer's moments included) is float64, and training matches a
+    strategy built under float32 and converted with ``.to(torch.float64)``."""
+    strategy, problem = _make(name), ToyProblem.create(TASKS)
+    torch.set_default_dtype(torch.float32)
+    converted = _make(name).to(torch.float64)
+    torch.set_default_dtype(torch.float64)
+    twin = copy.deepcopy(problem)
+    for step in range(3):
+        reports = []
+        for s, p in ((strategy, problem), (converted, twin)):
+            p.zero_grad()
+            losses, features = p.losses(step)
+            reports.append(s.backward(losses, **_kwargs(p, features, path)))
+            p.sgd_step()
+        assert reports[0].weight_values.dtype == torch.float64
+        torch.testing.assert_close(reports[0].weight_values, reports[1].weight_values)
+    for key, value in _state(strategy).items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float64, f"state {key!r} is {value.dtype}"
+    for a, b in zip(problem.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("name", NAMES)

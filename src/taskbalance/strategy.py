@@ -840,13 +840,14 @@ class GradientAggregation(Strategy):
 
     **Per-step problems that can fail.** A method whose weights solve a problem that may have no
     solution or may not converge (Nash-MTL at a Pareto front, FairGrad with opposite gradients,
-    an iterative solver at its iteration cap) passes its ``on_failure`` argument to this
-    constructor and computes its weights with :meth:`solved`. ``on_failure="reuse"`` then
-    takes the previous step's solution when the solver raises :class:`SolverError` (equal
-    weights when a present task has none yet); ``"raise"`` lets the error end the step, with
-    nothing changed. A fallback is never silent: the first one warns, and the step report
-    carries ``failed`` (1 in a step that fell back) and ``failures`` (the running count, a
-    buffer saved with the state), which ``report.to_dict()`` includes.
+    an iterative solver at its iteration cap) takes an ``on_failure`` argument, hands it to
+    :meth:`add_failure_policy` in its constructor and computes its weights with
+    :meth:`solved`. ``on_failure="reuse"`` then takes the previous step's solution when the
+    solver raises :class:`SolverError` (equal weights when a present task has none yet);
+    ``"raise"`` lets the error end the step, with nothing changed. A fallback is never silent:
+    the first one warns, and the step report carries ``failed`` (1 in a step that fell back)
+    and ``failures`` (the running count, a buffer saved with the state), which
+    ``report.to_dict()`` includes.
     """
 
     needs_grads: ClassVar[bool] = True
@@ -854,18 +855,22 @@ class GradientAggregation(Strategy):
     has_last_weights: Tensor
     failures: Tensor
 
-    def __init__(self, tasks: Sequence[str], *, on_failure: OnFailure | None = None) -> None:
-        super().__init__(tasks)
-        if on_failure is not None and on_failure not in ("reuse", "raise"):
+    on_failure: OnFailure | None = None  # None: the strategy's weights cannot fail
+
+    def add_failure_policy(self, on_failure: OnFailure) -> None:
+        """Declare that this strategy's per-step problem can fail, and how to handle a failure.
+
+        Registers the state the policy needs: ``last_weights`` (the last solution per task),
+        ``has_last_weights`` and ``failures`` (the number of fallbacks so far).
+        """
+        if on_failure not in ("reuse", "raise"):
             raise StrategyError(f"on_failure must be 'reuse' or 'raise', got {on_failure!r}")
         self.on_failure = on_failure
         self._warned_fallback = False
-        if on_failure is not None:
-            # The last solution per task, whether there is one, and the fallbacks so far.
-            count = len(self.tasks)
-            self.register_buffer("last_weights", torch.zeros(count))
-            self.register_buffer("has_last_weights", torch.zeros(count, dtype=torch.bool))
-            self.register_buffer("failures", torch.zeros((), dtype=torch.long))
+        count = len(self.tasks)
+        self.register_buffer("last_weights", torch.zeros(count))
+        self.register_buffer("has_last_weights", torch.zeros(count, dtype=torch.bool))
+        self.register_buffer("failures", torch.zeros((), dtype=torch.long))
 
     def solved(
         self, solve: Callable[[], Tensor], index: Tensor, *, equal: Literal["mean", "sum"] = "mean"
@@ -901,9 +906,7 @@ class GradientAggregation(Strategy):
                 self.has_last_weights[index] = True
         return weights
 
-    def previous_weights(
-        self, index: Tensor, *, equal: Literal["mean", "sum"] = "mean"
-    ) -> Tensor:
+    def previous_weights(self, index: Tensor, *, equal: Literal["mean", "sum"] = "mean") -> Tensor:
         """The last stored weights of the tasks ``index``; equal weights (``1/k`` each for
         ``"mean"``, 1 for ``"sum"``) if any of them has none yet. No host sync."""
         stored = self.last_weights[index]

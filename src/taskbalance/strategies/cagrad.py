@@ -72,7 +72,8 @@ class CAGrad(GradientAggregation):
         max_iter: int = 200,
         on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks, on_failure=on_failure)
+        super().__init__(tasks)
+        self.add_failure_policy(on_failure)
         if not (isinstance(c, (int, float)) and math.isfinite(c) and c >= 0):
             raise StrategyError(f"c must be a finite number >= 0, got {c!r}")
         if rescale not in (0, 1, 2):

@@ -140,7 +140,8 @@ class FairGrad(GradientAggregation):
         max_iter: int = 100,
         on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks, on_failure=on_failure)
+        super().__init__(tasks)
+        self.add_failure_policy(on_failure)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise StrategyError(f"alpha must be a positive finite number, got {alpha!r}")
         if not (math.isfinite(tol) and tol > 0):

@@ -75,7 +75,8 @@ class MGDA(GradientAggregation):
         max_iter: int = 200,
         on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks, on_failure=on_failure)
+        super().__init__(tasks)
+        self.add_failure_policy(on_failure)
         if normalization not in _NORMALIZATIONS:
             raise StrategyError(
                 f"normalization must be one of {list(_NORMALIZATIONS)}, got {normalization!r}"

@@ -98,7 +98,8 @@ class NashMTL(GradientAggregation):
         tol: float = 1e-6,
         on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks, on_failure=on_failure)
+        super().__init__(tasks)
+        self.add_failure_policy(on_failure)
         if not (isinstance(update_weights_every, int) and update_weights_every >= 1):
             raise StrategyError(
                 f"update_weights_every must be an integer >= 1, got {update_weights_every!r}"

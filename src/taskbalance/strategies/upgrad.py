@@ -103,7 +103,8 @@ class UPGrad(GradientAggregation):
         max_iter: int = 100,
         on_failure: OnFailure = "reuse",
     ) -> None:
-        super().__init__(tasks, on_failure=on_failure)
+        super().__init__(tasks)
+        self.add_failure_policy(on_failure)
         check_cone_arguments(reg_eps, tol, max_iter)
         self.reg_eps, self.tol, self.max_iter = reg_eps, tol, max_iter
         # A constructor argument, not state: kept out of the state_dict.
