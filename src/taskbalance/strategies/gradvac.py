@@ -59,8 +59,11 @@ class GradVac(GradientAggregation):
     Choices and reference code:
 
     * ``beta = 0.01``: the paper's value. LibMTL and TorchJD default to 0.5.
-    * The paper updates ``φ̂_ij`` after every comparison (followed here); LibMTL updates it only
-      when the correction was applied.
+    * ``φ̂_ij`` is updated after every comparison, corrected or not, as in the paper's
+      Algorithm 1 and TorchJD's ``GradVac``. LibMTL's copies differ between versions: the ones
+      read for this text (``LibMTL/weighting/GradVac.py`` at commit 13f5fc7 and earlier) update
+      it only inside the correction branch, and newer LibMTL is reported to update it after
+      every comparison, as here. Check the version you compare against.
     * Granularity: one target per task pair over the whole shared tensor set (LibMTL's default
       ``group_type=0``; the paper also applies it per layer).
     * ``eps`` (1e-8) floors ``√(1 − φ̂²)`` so a target of ±1 does not divide by zero; a pair
