@@ -165,6 +165,44 @@ def test_gradnorm_two_steps_by_hand() -> None:
     assert s.task_weights.sum().item() == pytest.approx(2.0)
 
 
+def test_gradnorm_alpha_sets_the_target_rates() -> None:
+    # As above, but α = 0.12 (the paper's toy value) and the second step at θ = 0.2, where the
+    # sign of G_i − Ḡ·r_i^α depends on α (with α = 1 both signs flip).
+    theta = nn.Parameter(torch.tensor(1.0))
+    s = tb.create_strategy("gradnorm", tasks=["a", "b"], optimizer="sgd", lr=0.1, alpha=0.12)
+    s.backward({"a": 2 * theta**2, "b": theta}, shared_params=[theta])
+    assert s.task_weights.tolist() == pytest.approx([12 / 17, 22 / 17])  # r = 1: α is idle
+    with torch.no_grad():
+        theta.fill_(0.2)
+    s.backward({"a": 2 * theta**2, "b": theta}, shared_params=[theta])
+    # L = (0.08, 0.2), L(0) = (2, 1): L̃ = (0.04, 0.2), r = (1/3, 5/3); ‖∇L‖ = (0.8, 1)
+    # G = (0.8·12/17, 22/17) = (0.5647, 1.2941), Ḡ = 0.9294; Ḡ·r^0.12 = (0.8146, 0.9881)
+    # signs (−, +): ∇_w = (−0.8, 1) → w = (334/425, 203/170), sum 1.98 → ·2/1.98
+    assert s.task_weights.tolist() == pytest.approx([1336 / 1683, 2030 / 1683])
+
+
+def test_gradnorm_partial_labels_keep_the_present_tasks_total() -> None:
+    # Σ w = T is kept by renormalising the present tasks to their own previous total.
+    theta = nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    s = tb.create_strategy("gradnorm", tasks=["a", "b", "c"], optimizer="sgd", lr=0.1)
+    scales = {"a": 1.0, "b": 4.0, "c": 0.5}
+
+    def losses(tasks: str) -> dict[str, torch.Tensor]:
+        return {t: scales[t] * theta.pow(2).sum() * (1 + i) for i, t in enumerate(tasks)}
+
+    s.backward(losses("abc"), shared_params=[theta])
+    with torch.no_grad():
+        theta.mul_(0.5)
+    before = s.task_weights.clone()
+    assert not torch.allclose(before, torch.ones(3))
+    s.backward(losses("ac"), shared_params=[theta])
+    after = s.task_weights
+    assert after[1] == before[1]  # the absent task keeps its weight
+    assert not torch.equal(after[[0, 2]], before[[0, 2]])  # the present ones moved
+    assert float(after[[0, 2]].sum()) == pytest.approx(float(before[[0, 2]].sum()))
+    assert float(after.sum()) == pytest.approx(3.0)
+
+
 def test_gradnorm_features_path_matches_parameter_path_for_identity_trunk() -> None:
     theta = nn.Parameter(torch.tensor([1.0, 2.0]))
     head = torch.tensor([3.0, -1.0])

@@ -68,6 +68,15 @@ def _row_scales(seed: int) -> torch.Tensor:
     )
 
 
+def _small_between(seed: int) -> torch.Tensor:
+    """Two unit gradients and a tenfold smaller one between them: 1ᵀG⁻¹n < 0, so IMTL-G's
+    normalisation must divide by |1ᵀG⁻¹n| (dividing by the sum turns d against every task).
+    A random rotation per seed leaves the Gramian as it is."""
+    base = t([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.07, 0.07, 0.01]])
+    rotation, _ = torch.linalg.qr(_random(3, 3, seed))
+    return base @ rotation
+
+
 JACOBIANS: dict[str, Callable[[int], torch.Tensor]] = {
     "random_2x5": lambda seed: _random(2, 5, seed),
     "random_3x20": lambda seed: _random(3, 20, seed),
@@ -80,6 +89,7 @@ JACOBIANS: dict[str, Callable[[int], torch.Tensor]] = {
     "tiny": lambda seed: _random(4, 9, seed) * 1e-30,
     "huge": lambda seed: _random(4, 9, seed) * 1e15,
     "row_scales": _row_scales,
+    "small_between": _small_between,
 }
 
 
@@ -101,17 +111,37 @@ def test_finite_or_clear_error(name: str, kind: str) -> None:
         assert torch.isfinite(direction).all(), f"{name} on {kind}: {direction}"
 
 
+# Strategies whose paper promises that no task gets worse to first order (g_iᵀd ≥ 0), and the
+# Jacobians outside that promise: IMTL-G and ConFIG need a direction with equal projections on
+# the unit gradients, which more tasks than dimensions rarely allow.
+NO_CONFLICT = {
+    "mgda": (),
+    "nash_mtl": (),
+    "imtl_g": ("wide_8x3",),
+    "config": ("wide_8x3",),
+    "fairgrad": (),
+}
+NO_SOLUTION = ("zero_row", "all_zero", "opposites", "wide_8x3")
+
+
 @pytest.mark.parametrize("kind", sorted(JACOBIANS))
 @pytest.mark.parametrize(
-    ("name", "kwargs"), [("mgda", {}), ("nash_mtl", {}), ("nash_mtl", {"max_norm": 0.0})]
+    ("name", "kwargs"),
+    [(name, {}) for name in NO_CONFLICT] + [("nash_mtl", {"max_norm": 0.0})],
 )
 def test_no_conflict(name: str, kwargs: dict[str, float], kind: str) -> None:
+    if kind in NO_CONFLICT[name]:
+        pytest.skip(f"{name} promises no conflict only where equal projections exist")
+    strategy = tb.create_strategy(name, tasks(3), **kwargs)
+    if getattr(strategy, "on_failure", None) is not None:
+        kwargs = {**kwargs, "on_failure": "raise"}  # a fallback makes no promise
     for seed in range(3):
         jacobian = JACOBIANS[kind](seed)
         try:
             direction = aggregate(name, jacobian, **kwargs)
-        except StrategyError:
-            continue  # covered above: Nash-MTL without a solution
+        except tb.SolverError:
+            assert kind in NO_SOLUTION, f"{name} failed on {kind}"
+            continue
         products = jacobian @ direction
         # Up to the solver's tolerance: MGDA's gap is ≤ 1e-10·max‖g_i‖².
         norms = jacobian.norm(dim=1)
