@@ -73,6 +73,23 @@ class TouchesAbsentTasks(tb.LossWeighting):
         return report
 
 
+class FreezesUnderPartialLabels(tb.LossWeighting):
+    """Counts each task's steps, but only when every task is present."""
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self.register_buffer("seen_steps", torch.zeros(len(self.tasks)))
+
+    def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
+        return torch.ones_like(losses)
+
+    def backward(self, losses, **kwargs):  # type: ignore[no-untyped-def, override]
+        report = super().backward(losses, **kwargs)
+        if len(report.tasks) == len(self.tasks):
+            self.seen_steps += 1
+        return report
+
+
 @pytest.mark.parametrize(
     ("strategy", "check", "message"),
     [
@@ -81,6 +98,7 @@ class TouchesAbsentTasks(tb.LossWeighting):
         (StateInPlainAttribute, "resume", "resumed weights differ"),
         (OrderDependent, "permutation", "permuting the tasks"),
         (TouchesAbsentTasks, "partial_labels", "absent task 'b' changed"),
+        (FreezesUnderPartialLabels, "partial_labels", "present task 'a' did not move"),
     ],
 )
 def test_kit_names_the_failed_check(strategy: type[tb.Strategy], check: str, message: str) -> None:

@@ -18,7 +18,9 @@ What the checks expect of a strategy:
 * evaluation (``s(losses)`` on losses without a graph) returns a finite scalar and changes no
   state;
 * partial labels: a step without task ``b`` leaves ``b``'s head without gradient and every
-  per-task state entry of ``b`` (dimension 0 of a parameter or buffer) unchanged;
+  per-task state entry of ``b`` (dimension 0 of a parameter or buffer) unchanged, and moves
+  the present tasks' heads and every per-task state entry that the same step with all tasks
+  present moves;
 * a NaN or infinite loss raises :class:`~taskbalance.NonFiniteLossError` naming the task, and
   leaves the strategy state and the model's gradients as they were; bad input raises
   :class:`~taskbalance.StrategyError` naming the culprit;
@@ -230,21 +232,55 @@ def check_evaluation(factory: Factory) -> None:
 
 
 def check_partial_labels(factory: Factory) -> None:
+    present = ("a", "c")
     for path in PATHS:
         strategy, problem = factory(TASKS), ToyProblem.create(TASKS)
         _train(strategy, problem, range(2), path)
+        # The same step with every task shows which per-task state a step moves.
+        full, full_problem = copy.deepcopy(strategy), copy.deepcopy(problem)
         before = _state(strategy)
-        report = _step(strategy, problem, 2, path, tasks=("a", "c"))
-        assert report.tasks == ("a", "c"), f"report tasks {report.tasks}"
+        _step(full, full_problem, 2, path)
+        moved = _moved_rows(before, _state(full))
+        report = _step(strategy, problem, 2, path, tasks=present)
+        assert report.tasks == present, f"report tasks {report.tasks}"
+        assert torch.isfinite(report.weight_values).all(), f"{path}: weights not finite"
         assert all(p.grad is None for p in problem.heads["b"].parameters()), (
             "absent task's head got a gradient"
         )
+        for task in present:
+            assert all(p.grad is not None for p in problem.heads[task].parameters()), (
+                f"{path}: the head of the present task {task!r} got no gradient"
+            )
+        after = _state(strategy)
         position = TASKS.index("b")
-        for key, value in _state(strategy).items():
-            if value.dim() > 0 and value.shape[0] == len(TASKS):
-                assert torch.equal(value[position], before[key][position]), (
-                    f"{path}: state {key!r} of the absent task 'b' changed"
-                )
+        for key in _per_task(after):
+            assert torch.equal(after[key][position], before[key][position]), (
+                f"{path}: state {key!r} of the absent task 'b' changed"
+            )
+        for key, rows in moved.items():
+            for task in present:
+                if TASKS.index(task) in rows:
+                    row = TASKS.index(task)
+                    assert not torch.equal(after[key][row], before[key][row]), (
+                        f"{path}: state {key!r} of the present task {task!r} did not move "
+                        "(it moves in the same step with every task present)"
+                    )
+
+
+def _per_task(state: dict[str, Tensor]) -> list[str]:
+    """The state entries with one row per task (dimension 0)."""
+    return [k for k, v in state.items() if v.dim() > 0 and v.shape[0] == len(TASKS)]
+
+
+def _moved_rows(before: dict[str, Tensor], after: dict[str, Tensor]) -> dict[str, set[int]]:
+    """Per per-task state entry, the rows (tasks) that differ between two states."""
+    moved: dict[str, set[int]] = {}
+    for key in _per_task(after):
+        if key in before and before[key].shape == after[key].shape:
+            rows = {i for i in range(len(TASKS)) if not torch.equal(before[key][i], after[key][i])}
+            if rows:
+                moved[key] = rows
+    return moved
 
 
 def check_nonfinite(factory: Factory) -> None:
