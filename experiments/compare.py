@@ -30,9 +30,13 @@ feature gradients of changing batches). The gradient-conflict diagnostics
 
 W&B (offline by default, under ``<out>/wandb``): one run per (strategy, seed) in group
 ``--wandb-group`` (default ``compare-<time>``), one ``log`` call per step with
-``train/loss/<task>``, ``weights/<task>``, strategy extras as ``strategy/<name>/<task>``,
-``grad/...`` diagnostics and, at epoch ends, ``val/acc/<task>`` and ``val/loss/<task>``; a
-summary per run; and one ``comparison`` run with the figures and the table's numbers.
+``train/loss/<task>``, ``weights/<task>``, every other entry of the strategy's step report as
+``strategy/<key>`` (extras as ``strategy/<name>/<task>``; step scalars such as
+``strategy/failures``, the running count of steps whose solver fell back to the previous
+weights), ``grad/...`` diagnostics and, at epoch ends, ``val/acc/<task>`` and
+``val/loss/<task>``; a summary per run (with the final ``failures`` count: 0 when the strategy
+reports none; the table sums it over seeds); and one ``comparison`` run with the figures and the
+table's numbers.
 ``<out>`` gets ``results.csv``, ``results.md``, ``accuracy.png``, ``weights.png`` and
 ``tradeoff.png`` (Δm against step time).
 
@@ -67,6 +71,7 @@ from experiments.runner import (
     markdown_table,
     parse_config,
     progress,
+    report_row,
     save_checkpoint,
     seed_everything,
     select_strategies,
@@ -159,6 +164,7 @@ class RunResult:
     cosine: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None
     steps_done: int = 0
+    failures: int = 0  # the strategy's count of failed steps (solver fallbacks), if it reports one
 
 
 # --------------------------------------------------------------------------- training
@@ -262,6 +268,7 @@ def train_run(
         result.step_seconds = list(state.extra.get("step_seconds", []))
         result.weights = [list(w) for w in state.extra.get("weights", [])]
         result.cosine = [(int(s), float(c)) for s, c in state.extra.get("cosine", [])]
+        result.failures = int(state.extra.get("failures", 0))
     last = steps if stop_after is None else min(steps, stop_after)
     images, labels = data.train_images, data.train_labels
     pair = f"{tasks[0]}-{tasks[1]}" if len(tasks) == 2 else None
@@ -272,6 +279,7 @@ def train_run(
             return
         extra = {"step_seconds": result.step_seconds, "weights": result.weights}
         extra["cosine"] = [list(c) for c in result.cosine]
+        extra["failures"] = result.failures
         save_checkpoint(
             checkpoint,
             config=config,
@@ -307,15 +315,10 @@ def train_run(
         if report is None:
             record[f"train/loss/{tasks[0]}"] = losses[tasks[0]].item()
         else:
-            for key, value in report.to_dict().items():  # one host transfer
-                kind, task = key.rsplit("/", 1)
-                if kind == "loss":
-                    record[f"train/loss/{task}"] = value
-                elif kind == "weight":
-                    record[f"weights/{task}"] = value
-                else:
-                    record[f"strategy/{kind}/{task}"] = value
-            result.weights.append([record[f"weights/{t}"] for t in tasks])
+            values = report.to_dict()  # one host transfer
+            record.update(report_row(values))
+            result.weights.append([values[f"weight/{t}"] for t in tasks])
+            result.failures = int(values.get("failures", result.failures))
         if (step + 1) % per_epoch == 0 or step + 1 == steps:
             if end_epoch is not None and (step + 1) % per_epoch == 0:
                 end_epoch()
@@ -410,7 +413,9 @@ def run_one(
         tracker.finish()
         return result
     summary: dict[str, Any] = {f"final/acc/{t}": a for t, a in result.accuracy.items()}
-    summary.update(status="ok", step_ms=median_ms(result.step_seconds), seed=seed)
+    summary.update(
+        status="ok", step_ms=median_ms(result.step_seconds), seed=seed, failures=result.failures
+    )
     tracker.summary(summary)
     tracker.finish()
     return result
@@ -473,7 +478,7 @@ def summarise(
         row["train_step_ms"] = sum(
             median_ms([s for r in single_runs[t] for s in r.step_seconds]) for t in tasks
         )
-        row.update(seeds=len(single_runs[tasks[0]]), status="ok", error="")
+        row.update(seeds=len(single_runs[tasks[0]]), failures=0, status="ok", error="")
         numeric.append(row)
     for method, runs in results.items():
         if method.startswith(f"{SINGLE}:"):
@@ -499,6 +504,7 @@ def summarise(
         )
         failed = [r for r in runs if r.error is not None]
         row["seeds"] = len(ok)
+        row["failures"] = sum(r.failures for r in ok)
         row["status"] = "ok" if not failed else f"failed {len(failed)}/{len(runs)}"
         row["error"] = failed[0].error if failed else ""
         numeric.append(row)
@@ -519,6 +525,7 @@ def summarise(
             else f"{ms / equal_ms:.2f}"
         )
         shown["seeds"] = str(row["seeds"])
+        shown["failed steps"] = str(row["failures"])
         shown["status"] = row["status"] if not row["error"] else f"{row['status']}: {row['error']}"
         formatted.append(shown)
     return numeric, formatted

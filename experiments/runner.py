@@ -50,6 +50,7 @@ __all__ = [
     "parse_config",
     "progress",
     "read_offline_run",
+    "report_row",
     "rng_state",
     "save_checkpoint",
     "seed_everything",
@@ -264,6 +265,23 @@ def start_tracking(
         dir=dir if dir is not None else getattr(config, "out", "results"),
         job_type=job_type,
     )
+
+
+def report_row(values: Mapping[str, float]) -> dict[str, float]:
+    """A step report's ``to_dict()`` under the scripts' W&B keys, dropping nothing.
+
+    ``loss/<task>`` becomes ``train/loss/<task>``, ``weight/<task>`` becomes ``weights/<task>``
+    and every other entry (per-task extras, step scalars such as ``failed``) ``strategy/<key>``.
+
+        >>> report_row({"loss/a": 0.5, "weight/a": 1.0, "failures": 2.0})
+        {'train/loss/a': 0.5, 'weights/a': 1.0, 'strategy/failures': 2.0}
+    """
+    renamed = {"loss": "train/loss", "weight": "weights"}
+    row = {}
+    for key, value in values.items():
+        kind, slash, task = key.partition("/")
+        row[f"{renamed[kind]}/{task}" if slash and kind in renamed else f"strategy/{key}"] = value
+    return row
 
 
 def progress(iterable: Iterable[T], *, desc: str = "", total: int | None = None, **kwargs: Any):

@@ -176,6 +176,33 @@ def test_delta_m_definition() -> None:
     assert compare.delta_m({"a": 0.5}, {"a": 0.4}) == pytest.approx(25.0)
 
 
+def test_summary_delta_m_against_the_single_task_mean_over_seeds() -> None:
+    """Δm% per seed against the single-task accuracy averaged over the seeds, then mean ± std."""
+    run = compare.RunResult
+    results = {
+        "single-task:left": [run("single-task:left", s, {"left": a}) for s, a in
+                             enumerate((0.7, 0.8, 0.9))],  # mean 0.8
+        "single-task:right": [run("single-task:right", s, {"right": a}) for s, a in
+                              enumerate((0.6, 0.4, 0.5))],  # mean 0.5
+        "equal": [
+            run("equal", 0, {"left": 0.88, "right": 0.55}),  # (+10% + 10%) / 2 = +10
+            run("equal", 1, {"left": 0.72, "right": 0.45}),  # (−10% − 10%) / 2 = −10
+            run("equal", 2, {"left": 0.80, "right": 0.60}),  # (0% + 20%) / 2 = +10
+            run("equal", 3, error="RuntimeError: boom"),  # a failed seed does not count
+        ],
+    }  # fmt: skip
+    numeric, formatted = compare.summarise(results, ("left", "right"), "features")
+    single, equal = numeric
+    assert single["method"] == compare.SINGLE and single["delta_m_mean"] == 0.0
+    assert single["left_acc_mean"] == pytest.approx(0.8)
+    assert single["right_acc_std"] == pytest.approx(0.1)  # sample std of 0.6, 0.4, 0.5
+    assert equal["delta_m_mean"] == pytest.approx(10 / 3)
+    assert equal["delta_m_std"] == pytest.approx(math.sqrt(((20 / 3) ** 2 * 2 + (40 / 3) ** 2) / 2))
+    assert equal["left_acc_mean"] == pytest.approx(0.8) and equal["seeds"] == 3
+    assert equal["status"] == "failed 1/4" and equal["error"] == "RuntimeError: boom"
+    assert formatted[1]["Δm % (↑)"] == "3.33 ± 11.55"
+
+
 def test_gradient_source_per_strategy() -> None:
     assert compare.gradient_source("equal", "features") is None  # loss-level: no gradients
     assert compare.gradient_source("single-task:left", "features") is None
@@ -385,6 +412,14 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Static, "loss_weights", boom)
+    # Step scalars in the report (a solver's fallback flag and running count) are logged too,
+    # and the final count goes to the run's summary and the table.
+    to_dict = tb.StepReport.to_dict
+
+    def with_failures(self, prefix=""):
+        return {**to_dict(self, prefix), f"{prefix}failed": 1.0, f"{prefix}failures": 3.0}
+
+    monkeypatch.setattr(tb.StepReport, "to_dict", with_failures)
     methods = ["equal", "uncertainty", "mgda", "static"]
     out = tmp_path / "cmp"
     rows = compare.main(
@@ -405,6 +440,7 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
         assert 0 <= float(row["left_acc_mean"]) <= 1
     assert table["mgda"]["grads"] == "features" and table["equal"]["grads"] == "–"
     assert table["static"]["status"] == "failed 1/1"
+    assert [table[m]["failures"] for m in (compare.SINGLE, *methods)] == ["0", "3", "3", "3", "0"]
     assert math.isnan(float(table["static"]["step_ms"]))  # the timing phase skips it too
     assert "RuntimeError: boom" in table["static"]["error"]
     markdown = (out / "results.md").read_text()
@@ -427,7 +463,8 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
     assert [row["_step"] for row in history if "grad/cos/left-right" in row] == [0, 5, 10]
     assert -1 <= history[5]["grad/cos/left-right"] <= 1
     assert 0 <= history[-1]["val/acc/left"] <= 1 and "val/acc/right" in history[-1]
-    assert equal["summary"]["status"] == "ok"
+    assert equal["summary"]["status"] == "ok" and equal["summary"]["failures"] == 3
+    assert history[-1]["strategy/failed"] == 1.0 and history[-1]["strategy/failures"] == 3.0
     assert equal["summary"]["final/acc/left"] == pytest.approx(
         float(table["equal"]["left_acc_mean"])
     )
