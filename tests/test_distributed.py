@@ -199,11 +199,11 @@ def _evaluation() -> dict[str, list[str]]:
     inner = Net()
     x, y = local_batch(0, 0)
     for name in tb.list_strategies():
-        strategy = make_strategy(name).eval()
         _, outputs = inner(x)
         losses = task_losses(outputs, y)
         with refuse_collectives() as issued:
             try:
+                strategy = make_strategy(name).eval()
                 strategy(losses)
                 with torch.no_grad():
                     strategy(losses)
