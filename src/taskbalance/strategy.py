@@ -1008,36 +1008,48 @@ class GradientAggregation(Strategy):
 
                 weights = gramian_backward(batch.values, inputs, weights_of, scale=scale)
                 weights = weights.to(batch.values.dtype)
-                return StepReport(
-                    batch.names, detached, weights, scalars=self._failure_scalars(before)
-                )
-            rows, (start, stop) = _per_task_rows(batch, inputs, scaler, features is not None)
-            if overflowed():
-                # GradScaler will skip this step: compute nothing, and make every gradient say
-                # so (NaN) whatever the weights would have been. The report's weights are NaN.
-                weights = torch.full_like(detached, math.nan)
-                scaled_backward((weights * batch.values).sum(), scaler)
-            elif self.combines_gradients():
-                with _solver_errors(self):
-                    weights = self.gramian_weights(gramian(rows), detached, batch.index)
-                weights = weights.detach().to(batch.values.dtype)
-                scaled_backward((weights * batch.values).sum(), scaler)
             else:
-                with _solver_errors(self):
-                    direction = self._aggregate_rows(
-                        rows, detached, batch.index, inputs if features is not None else None
-                    )
-                if stop - start != direction.shape[0]:
-                    # features under DDP: this rank's block; DDP's average divides by the ranks
-                    ranks = distributed.world_size(batch.group)
-                    direction = direction[start:stop] * ranks
-                if _plain_parameters(batch, inputs):
-                    # The shared parameters get the direction; only the heads are backpropagated.
-                    backward_with_direction(batch.values.sum(), inputs, direction, scale=scale)
-                else:
-                    _backward_replacing(batch.values.sum(), inputs, direction, scaler)
-                weights = torch.ones_like(detached)
+                weights = self._backward_from_rows(batch, inputs, scaler, features is not None)
         return StepReport(batch.names, detached, weights, scalars=self._failure_scalars(before))
+
+    def _backward_from_rows(
+        self,
+        batch: TaskLosses,
+        inputs: Sequence[Tensor],
+        scaler: torch.amp.GradScaler | None,
+        features: bool,
+    ) -> Tensor:
+        """The step from the per-task rows (features, DDP, half precision, or a method that is
+        not a combination); returns the weights to report."""
+        detached = batch.values.detach()
+        rows, (start, stop) = _per_task_rows(batch, inputs, scaler, features)
+        if overflowed():
+            # GradScaler will skip this step: compute nothing, and make every gradient say
+            # so (NaN) whatever the weights would have been. The report's weights are NaN.
+            weights = torch.full_like(detached, math.nan)
+            scaled_backward((weights * batch.values).sum(), scaler)
+            return weights
+        if self.combines_gradients():
+            with _solver_errors(self):
+                weights = self.gramian_weights(gramian(rows), detached, batch.index)
+            weights = weights.detach().to(batch.values.dtype)
+            scaled_backward((weights * batch.values).sum(), scaler)
+            return weights
+        with _solver_errors(self):
+            direction = self._aggregate_rows(
+                rows, detached, batch.index, inputs if features else None
+            )
+        if stop - start != direction.shape[0]:
+            # features under DDP: this rank's block; DDP's average divides by the ranks
+            direction = direction[start:stop] * distributed.world_size(batch.group)
+        if _plain_parameters(batch, inputs):
+            # The shared parameters get the direction; only the heads are backpropagated.
+            scale = _scale_factor(scaler)
+            scale = None if scale is None else scale.to(batch.values.device)
+            backward_with_direction(batch.values.sum(), inputs, direction, scale=scale)
+        else:
+            _backward_replacing(batch.values.sum(), inputs, direction, scaler)
+        return torch.ones_like(detached)
 
 
 @contextlib.contextmanager
