@@ -30,7 +30,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import taskbalance as tb
-from experiments.runner import RunConfig, parse_config, seed_everything, start_tracking
+from experiments.runner import (
+    RunConfig,
+    parse_config,
+    report_row,
+    seed_everything,
+    start_tracking,
+)
 from taskbalance.accumulation import GradientAccumulator
 
 TASKS = ("a", "b", "c")
@@ -146,13 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             scaler.update()
         if tracker is not None:
             values = report.to_dict()
-            tracker.log(
-                {
-                    **{f"train/loss/{t}": values[f"loss/{t}"] for t in report.tasks},
-                    **{f"weights/{t}": values[f"weight/{t}"] for t in report.tasks},
-                },
-                step=step,
-            )
+            tracker.log(report_row(values), step=step)  # extras and solver fallbacks included
             if step % 10 == 0 or step == config.steps - 1:
                 shown = "  ".join(
                     f"{t}: loss {values[f'loss/{t}']:.4f} w {values[f'weight/{t}']:.3f}"
