@@ -3,8 +3,8 @@ PCGrad and CAGrad on the two-objective toy."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from experiments.reproductions import pareto_toy
@@ -12,13 +12,11 @@ from experiments.reproductions.common import (
     Check,
     ReproduceConfig,
     Result,
+    conclude,
     overall,
-    tracking_group,
     training_length,
-    write_result,
 )
 from experiments.reproductions.pareto_toy import REACH_TOLERANCE, method_check, reached
-from experiments.runner import start_tracking
 from experiments.toys import CAGRAD_STARTS
 
 NAME = "cagrad_toy"
@@ -97,14 +95,12 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
         config, NAME, METHODS, STARTS, steps=steps, scale=scale
     )
     measured = {"per_method": summaries, "seconds": seconds}
-    checks, _ = verdict(measured)
-    result = Result(
-        name=NAME,
-        title=TITLE,
-        published=PUBLISHED,
-        measured=measured,
-        criterion=CRITERION,
-        checks=checks,
+    fig = pareto_toy.figure(runs, scale, "CAGrad toy: trajectories on the mean-loss contours")
+    return conclude(
+        sys.modules[__name__],
+        config,
+        measured,
+        fig,
         settings={
             "steps": steps,
             "optimizer": "Adam lr 1e-3 on θ, per start",
@@ -122,11 +118,5 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
         ],
         missing=missing,
         wall_time_s=seconds,
-        quick=config.quick,
         deviations=deviations,
     )
-    fig = pareto_toy.figure(runs, scale, "CAGrad toy: trajectories on the mean-loss contours")
-    tracker = start_tracking(config, group=tracking_group(config, NAME), name=NAME)
-    write_result(result, Path(config.out), fig, tracker)
-    tracker.finish()
-    return result, fig

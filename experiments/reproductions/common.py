@@ -6,13 +6,14 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
 from torch import Tensor
 
 import taskbalance as tb
-from experiments.runner import RunConfig, Tracker
+from experiments.runner import RunConfig, Tracker, start_tracking
 
 REPRODUCED, NOT_REPRODUCED = "reproduced", "not reproduced"
 VERDICTS = (REPRODUCED, NOT_REPRODUCED)
@@ -121,6 +122,38 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- output
+
+
+def conclude(
+    reproduction: ModuleType,
+    config: ReproduceConfig,
+    measured: dict[str, Any],
+    figure: Any,
+    *,
+    tracker: Tracker | None = None,
+    **record: Any,
+) -> tuple[Result, Any]:
+    """Judge ``measured`` with the reproduction module's ``verdict``, write the result with its
+    published values, criterion and figure, and finish the W&B run (one is started under the
+    reproduction's name unless ``tracker`` is given). ``record``: the other :class:`Result`
+    fields (settings, notes, missing, wall_time_s, deviations)."""
+    checks, _ = reproduction.verdict(measured)
+    result = Result(
+        name=reproduction.NAME,
+        title=reproduction.TITLE,
+        published=reproduction.PUBLISHED,
+        measured=measured,
+        criterion=reproduction.CRITERION,
+        checks=checks,
+        quick=config.quick,
+        **record,
+    )
+    if tracker is None:
+        name = reproduction.NAME
+        tracker = start_tracking(config, group=tracking_group(config, name), name=name)
+    write_result(result, Path(config.out), figure, tracker)
+    tracker.finish()
+    return result, figure
 
 
 def write_result(result: Result, out: Path, figure: Any, tracker: Tracker) -> Path:

@@ -3,8 +3,8 @@ Nash-MTL version), who reaches the Pareto front, and how fast."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from experiments.reproductions import pareto_toy
@@ -12,14 +12,12 @@ from experiments.reproductions.common import (
     Check,
     ReproduceConfig,
     Result,
+    conclude,
     overall,
-    tracking_group,
     training_length,
     unmeasured,
-    write_result,
 )
 from experiments.reproductions.pareto_toy import REACH_TOLERANCE, method_check, reached
-from experiments.runner import start_tracking
 from experiments.toys import FAMO_STARTS
 
 NAME = "famo_toy"
@@ -101,14 +99,12 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
         else {},
         "seconds": seconds,
     }
-    checks, _ = verdict(measured)
-    result = Result(
-        name=NAME,
-        title=TITLE,
-        published=PUBLISHED,
-        measured=measured,
-        criterion=CRITERION,
-        checks=checks,
+    fig = pareto_toy.figure(runs, scale, "FAMO toy (first loss × 0.1): trajectories")
+    return conclude(
+        sys.modules[__name__],
+        config,
+        measured,
+        fig,
         settings={
             "steps": steps,
             "scale": scale,
@@ -127,11 +123,5 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
         ],
         missing=missing,
         wall_time_s=seconds,
-        quick=config.quick,
         deviations=deviations,
     )
-    fig = pareto_toy.figure(runs, scale, "FAMO toy (first loss × 0.1): trajectories")
-    tracker = start_tracking(config, group=tracking_group(config, NAME), name=NAME)
-    write_result(result, Path(config.out), fig, tracker)
-    tracker.finish()
-    return result, fig

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,12 +16,12 @@ from experiments.reproductions.common import (
     Check,
     ReproduceConfig,
     Result,
+    conclude,
     figure_row,
     overall,
     tracking_group,
     training_length,
     unmeasured,
-    write_result,
 )
 from experiments.runner import report_row, start_tracking
 from experiments.toys import GradNormNet, gradnorm_problem
@@ -151,14 +151,12 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
         "t10_sigmas": sigmas["T10"],
         "seconds": seconds,
     }
-    checks, _ = verdict(measured)
-    result = Result(
-        name=NAME,
-        title=TITLE,
-        published=PUBLISHED,
-        measured=measured,
-        criterion=CRITERION,
-        checks=checks,
+    fig = _figure(runs)
+    return conclude(
+        sys.modules[__name__],
+        config,
+        measured,
+        fig,
         settings={
             "steps": steps,
             "batch": BATCH,
@@ -179,14 +177,8 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
             "GradNorm's w_i are comparable.",
         ],
         wall_time_s=seconds,
-        quick=config.quick,
         deviations=deviations,
     )
-    fig = _figure(runs)
-    tracker = start_tracking(config, group=tracking_group(config, NAME), name=NAME)
-    write_result(result, Path(config.out), fig, tracker)
-    tracker.finish()
-    return result, fig
 
 
 def _figure(runs: Mapping[str, dict[str, Any]]) -> Any:

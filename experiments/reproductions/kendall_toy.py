@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,11 +16,11 @@ from experiments.reproductions.common import (
     Check,
     ReproduceConfig,
     Result,
+    conclude,
     figure_row,
     overall,
     tracking_group,
     training_length,
-    write_result,
 )
 from experiments.runner import start_tracking
 from experiments.toys import KendallNet, kendall_data
@@ -112,14 +112,13 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
         "train_rmse": dict(zip(TASKS, residual)),
         "seconds": seconds,
     }
-    checks, _ = verdict(measured)
-    result = Result(
-        name=NAME,
-        title=TITLE,
-        published=PUBLISHED,
-        measured=measured,
-        criterion=CRITERION,
-        checks=checks,
+    fig = _figure(history)
+    return conclude(
+        sys.modules[__name__],
+        config,
+        measured,
+        fig,
+        tracker=tracker,
         settings={
             "n": n,
             "batch": batch,
@@ -143,13 +142,8 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
             "already shuffled arrays; torch.manual_seed(seed) before building the model.",
         ],
         wall_time_s=seconds,
-        quick=config.quick,
         deviations=deviations,
     )
-    fig = _figure(history)
-    write_result(result, Path(config.out), fig, tracker)
-    tracker.finish()
-    return result, fig
 
 
 def _figure(history: np.ndarray) -> Any:

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,12 +17,12 @@ from experiments.reproductions.common import (
     ReproduceConfig,
     Result,
     available,
+    conclude,
     figure_row,
     overall,
     tracking_group,
     training_length,
     unmeasured,
-    write_result,
 )
 from experiments.runner import start_tracking
 
@@ -160,14 +160,12 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
         "seeds": settings.seeds,
         "seconds": seconds,
     }
-    checks, _ = verdict(measured)
-    result = Result(
-        name=NAME,
-        title=TITLE,
-        published=PUBLISHED,
-        measured=measured,
-        criterion=CRITERION,
-        checks=checks,
+    fig = _figure(means, stds)
+    return conclude(
+        sys.modules[__name__],
+        config,
+        measured,
+        fig,
         settings={
             "data": "experiments.data.make_multi_digits(seed 0, pairs_per_image 4): 10×10 "
             "canvas, offset 2, split before pairing",
@@ -190,14 +188,8 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
         ],
         missing=missing,
         wall_time_s=seconds,
-        quick=config.quick,
         deviations=deviations,
     )
-    fig = _figure(means, stds)
-    tracker = start_tracking(config, group=tracking_group(config, NAME), name=NAME)
-    write_result(result, Path(config.out), fig, tracker)
-    tracker.finish()
-    return result, fig
 
 
 def _figure(means: Mapping[str, Mapping[str, float]], stds: Mapping[str, Any]) -> Any:
