@@ -58,6 +58,9 @@ def test_static_argument_checks() -> None:
     with pytest.raises(tb.StrategyError, match="weights must be finite"):
         tb.create_strategy("static", tasks=["a"], weights=[math.inf])
     assert tb.create_strategy("static", tasks=["a", "b"]).task_weights.tolist() == [1.0, 1.0]
+    # non-negative, not positive: a zero weight switches a task off
+    off = tb.create_strategy("static", tasks=["a", "b"], weights=[0.0, 2.0])
+    assert off({"a": torch.tensor(5.0), "b": torch.tensor(1.0)}).item() == 2.0
 
 
 def test_equal_and_evaluation_without_graph() -> None:
@@ -299,6 +302,22 @@ def test_repr_shows_every_argument() -> None:
     assert "tasks=['a', 'b'], alpha=0.12, lr=0.025, optimizer='adam'" in repr(s)
 
 
+def test_repr_of_a_strategy_defined_after_import() -> None:
+    # the constructor arguments are recorded for any subclass, not only the built-in ones
+    class Scaled(tb.LossWeighting):
+        def __init__(self, tasks: list[str], *, factor: float = 2.0) -> None:
+            super().__init__(tasks)
+            self.factor = factor
+
+        def loss_weights(self, losses: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(losses, self.factor)
+
+    assert repr(Scaled(["a"], factor=3.0)) == "Scaled(tasks=['a'], factor=3.0)"
+    assert repr(Scaled(["a"])) == "Scaled(tasks=['a'], factor=2.0)"
+    with pytest.raises(tb.StrategyError, match="Scaled: got an unexpected keyword"):
+        Scaled(["a"], scale=1.0)  # type: ignore[call-arg]
+
+
 # --------------------------------------------------------------------------- MultiTaskLoss
 def test_multitask_loss_partial_labels_and_gradient_strategies() -> None:
     criteria = {"cls": nn.CrossEntropyLoss(), "reg": nn.MSELoss()}
@@ -350,6 +369,19 @@ def test_heads_get_their_own_weighted_gradient() -> None:
     s.backward(losses)
     for p, g in zip(head_a.parameters(), expected):
         torch.testing.assert_close(p.grad, 0.5 * g)
+
+
+def test_zero_gradient_of_a_task_that_reaches_the_parameters_is_no_error() -> None:
+    # at w = 0 task a's gradient 2w vanishes (an exact optimum): legitimate, unlike a task
+    # whose loss does not depend on shared_params at all
+    w = torch.zeros(2, requires_grad=True)
+    elsewhere = torch.ones(2, requires_grad=True)
+    s = tb.create_strategy("mgda", tasks=["a", "b"])
+    s.backward({"a": (w**2).sum() + 1.0, "b": w.sum() + 2.0}, shared_params=[w])
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    message = "task 'a' does not depend on any tensor of shared_params"
+    with pytest.raises(tb.StrategyError, match=message):
+        s.backward({"a": (elsewhere**2).sum(), "b": w.sum() + 2.0}, shared_params=[w])
 
 
 def test_failed_step_restores_a_buffer_the_step_replaced() -> None:

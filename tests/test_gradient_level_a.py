@@ -423,6 +423,20 @@ def test_imtl_is_imtl_g_on_scaled_losses_and_learns_the_scales() -> None:
         tb.create_strategy("imtl", ("a", "b"), init=float("nan"))
 
 
+def test_imtl_scale_steps_by_hand() -> None:
+    # losses 2 and 0.5 at s = 0: ∂(e^s L − s)/∂s = (2 − 1, 0.5 − 1) = (1, −0.5)
+    def backward(strategy: tb.Strategy) -> None:
+        w = torch.tensor([1.0, 2.0], requires_grad=True)
+        strategy.backward({"a": 2.0 * w[0], "b": 0.25 * w[1]}, shared_params=[w])
+
+    sgd = tb.create_strategy("imtl", ("a", "b"), lr=0.1, optimizer="sgd")
+    backward(sgd)  # s − lr·(1, −0.5)
+    assert sgd.scale.tolist() == pytest.approx([-0.1, 0.05])
+    default = tb.create_strategy("imtl", ("a", "b"))
+    backward(default)  # Adam, lr = 1e-3: the first step is lr·sign of the gradient
+    assert default.scale.tolist() == pytest.approx([-1e-3, 1e-3], rel=1e-4)
+
+
 # --------------------------------------------------------------------------- Aligned-MTL
 def test_aligned_by_hand_and_modes() -> None:
     jacobian = t([[2.0, 0.0], [0.0, 1.0]])  # λ = (4, 1); B = √λ_s diag(1/2, 1)

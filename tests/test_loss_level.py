@@ -69,8 +69,9 @@ def test_geometric_is_scale_invariant_and_needs_positive_losses() -> None:
     # w_i L_i = G/k for every task: G = √(3·500), each weighted loss contributes G/2
     w = s.backward(leaves(3.0, 500.0, names="ab")).weight_values
     assert (w * torch.tensor([3.0, 500.0])).tolist() == pytest.approx([math.sqrt(1500) / 2] * 2)
-    for bad in (0.0, -1.0):
-        with pytest.raises(tb.StrategyError, match="loss of task 'b' is"):
+    for bad in (0.0, -1.0):  # the message names the method, the task and its value
+        message = rf"the geometric mean needs positive losses; loss of task 'b' is {bad}$"
+        with pytest.raises(tb.StrategyError, match=message):
             s.backward(leaves(1.0, bad, names="ab"))
     # many small losses: exp(mean log) does not underflow where the product would
     tiny = {f"t{i}": torch.tensor(1e-8, requires_grad=True) for i in range(10)}
@@ -90,6 +91,13 @@ def test_imtl_l_one_sgd_step_by_hand() -> None:
     report = s.backward(leaves(2.0, 0.5, names="ab"))
     assert report.weight_values.tolist() == pytest.approx([math.exp(-0.1), math.exp(0.05)])
     assert report.to_dict()["scale/a"] == pytest.approx(-0.1 - 0.1 * (math.exp(-0.1) * 2 - 1))
+
+
+def test_imtl_l_default_adam_moves_each_scale_by_lr_first() -> None:
+    # Adam's first step is lr·g/(|g| + ε): with the documented lr = 1e-3 and ∂/∂s = (1, −0.5)
+    s = tb.create_strategy("imtl_l", tasks=["a", "b"])
+    s.backward(leaves(2.0, 0.5, names="ab"))
+    assert s.scale.tolist() == pytest.approx([-1e-3, 1e-3], rel=1e-4)
 
 
 def test_imtl_l_balances_scaled_losses_to_one() -> None:
@@ -249,6 +257,8 @@ def test_rlw_distributions() -> None:
             counts = nonzero.sum(1, keepdim=True).clamp(min=1)
             assert torch.allclose(draws, nonzero / counts)
             assert ((sums - 1).abs() < 1e-6).sum() >= 180  # P(all zero) = 1/16
+            # not one task at a time: P(two or more of four picked) = 11/16 per draw
+            assert (nonzero.sum(1) >= 2).any() and (sums == 0).any()
         else:
             torch.testing.assert_close(sums, torch.ones(200))
         if distribution == "constrained_bernoulli":  # one task per step, each chosen ~1/4
@@ -256,6 +266,24 @@ def test_rlw_distributions() -> None:
             assert (draws.mean(0) > 0.15).all()
         # the mean weight is 1/k for every distribution (symmetry)
         assert draws.mean(0).tolist() == pytest.approx([0.25] * 4, abs=0.08)
+
+
+@pytest.mark.parametrize(
+    "distribution", ["normal", "uniform", "dirichlet", "bernoulli", "constrained_bernoulli"]
+)
+def test_rlw_draws_only_from_its_own_generator(distribution: str) -> None:
+    # the same seed draws the same weights whatever torch's global generator does in between
+    first, second = (
+        tb.create_strategy("rlw", tasks=list("abcd"), distribution=distribution, seed=5)
+        for _ in range(2)
+    )
+    for step in range(3):
+        torch.manual_seed(step)
+        expected = first.backward(leaves(1, 1, 1, 1, names="abcd")).weight_values
+        torch.manual_seed(100 + step)
+        torch.testing.assert_close(
+            second.backward(leaves(1, 1, 1, 1, names="abcd")).weight_values, expected
+        )
 
 
 def test_rlw_seed_from_global_generator_and_argument_checks() -> None:
@@ -473,6 +501,7 @@ def test_stch_argument_checks_and_positive_losses() -> None:
         ({"ideal": 0.0}, "ideal must be positive with log_losses=True"),
         ({"log_losses": 1}, "log_losses must be True or False"),
         ({"warmup_epochs": -1}, "warmup_epochs must be an int >= 0"),
+        ({"warmup_epochs": True}, "warmup_epochs must be an int >= 0"),
     ]:
         with pytest.raises(tb.StrategyError, match=message):
             tb.create_strategy("stch", tasks=["a", "b"], **kwargs)
