@@ -144,6 +144,34 @@ def test_overflow_step_is_skipped_and_keeps_the_state(name: str, path: str) -> N
         assert torch.equal(a, b), "the step after the overflow differs from an unbroken run"
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_nash_steps_between_solves_under_a_scaler(path: str) -> None:
+    # update_weights_every=2: odd steps reuse α with no per-task gradients, a path of its own
+    def make() -> tb.Strategy:
+        return tb.create_strategy("nash_mtl", TASKS, update_weights_every=2)
+
+    plain, scaled = ToyProblem.create(TASKS), ToyProblem.create(TASKS)
+    s_plain, s_scaled = make(), make()
+    opt_plain, opt_scaled, scaler = _sgd(plain), _sgd(scaled), _fixed_scaler()
+    for step in range(3):  # a power-of-two scale changes nothing, bit for bit
+        expected = _step(s_plain, plain, opt_plain, step, path)
+        got = _step(s_scaled, scaled, opt_scaled, step, path, scaler)
+        assert torch.equal(expected.weight_values, got.weight_values), f"weights, step {step}"
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), scaled.parameters()))
+
+    problem, overflow = _problem()
+    strategy, optimizer, scaler = make(), _sgd(problem), _fixed_scaler()
+    _step(strategy, problem, optimizer, 0, path, scaler)  # solves
+    state, params = _state(strategy), [p.detach().clone() for p in problem.parameters()]
+    overflow.active = True
+    report = _step(strategy, problem, optimizer, 1, path, scaler)  # reuses, and overflows
+    assert scaler.get_scale() == 2.0**9
+    if path == "shared_params":  # the clip's ‖d‖ already overflows: NaN weights, as documented
+        assert bool(report.weight_values.isnan().all())
+    assert all(torch.equal(a, b) for a, b in zip(params, problem.parameters()))
+    assert all(torch.equal(v, _state(strategy)[k]) for k, v in state.items())
+
+
 def _kwargs(problem: ToyProblem, features: Tensor, path: str) -> dict[str, object]:
     if path == "features":
         return {"features": features}

@@ -362,6 +362,17 @@ def test_nash_update_weights_every_reuses_the_solution(max_norm: float) -> None:
         make("nash_mtl", 2, optim_niter=0)
 
 
+def test_nash_reused_step_gives_alpha_one_to_a_task_without_a_solution() -> None:
+    # solve with tasks a and b, then reuse with a, b, c: c has no stored α, so every present
+    # task gets α = 1 (the official code's starting point), as documented
+    problem = ToyProblem.create(("a", "b", "c"))
+    strategy = tb.create_strategy("nash_mtl", ("a", "b", "c"), update_weights_every=2, max_norm=0)
+    losses, features = problem.losses(0, tasks=("a", "b"))
+    strategy.backward(losses, features=features)
+    losses, features = problem.losses(1)
+    assert strategy.backward(losses, features=features).weight_values.tolist() == [1.0] * 3
+
+
 def test_nash_failure_leaves_state_unchanged() -> None:
     strategy = make("nash_mtl", 3, on_failure="raise")
     strategy.aggregate(_random(3, 5, 0))

@@ -24,3 +24,51 @@ def test_default_seed_is_zero(name: str) -> None:
     zero = state(tb.create_strategy(name, ["a", "b"], seed=0))
     assert default.keys() == zero.keys()
     assert all(torch.equal(v, zero[k]) for k, v in default.items())
+
+
+# --------------------------------------------------------------------------- ConFIG
+def test_config_rcond_is_below_one() -> None:
+    with pytest.raises(tb.StrategyError, match=r"rcond must be a number in \[0, 1\)"):
+        tb.create_strategy("config", ["a", "b"], rcond=1.0)
+
+
+def test_config_weights_use_the_pseudo_inverse() -> None:
+    # g = (e1, e2, −e1): the cosine matrix C has eigenvalues 2 ((1, 0, −1)/√2), 1 (e2) and
+    # 0 ((1, 0, 1)/√2). C⁺1 keeps the first two: (1ᵀv)v = 0 and e2, so c = (0, 1, 0) and
+    # d = e2 with 1ᵀGc / cᵀGc = 1. The null direction adds nothing to d, only to the weights.
+    s = tb.create_strategy("config", ["a", "b", "c"])
+    gramian = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 1.0]])
+    weights = s.gramian_weights(gramian, torch.ones(3), torch.arange(3))
+    torch.testing.assert_close(weights, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- DB-MTL
+def test_db_mtl_decaying_rate_by_hand() -> None:
+    # β_t = beta / t^beta_sigma = 0.5/t; losses 1 (eps 0): h = g. With g = (1, 0), (0, 2):
+    # t = 1: ĝ = 0.5 h = (0.5, 0), (0, 1); α = max‖ĝ‖/‖ĝ_i‖ = (2, 1): d = (1, 1)
+    # t = 2: ĝ = 0.25 ĝ + 0.75 h = (0.875, 0), (0, 1.75); α = (2, 1): d = (1.75, 1.75)
+    s = tb.create_strategy("db_mtl", ["a", "b"], beta=0.5, beta_sigma=1.0, eps=0.0)
+    jacobian = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    losses = torch.ones(2, dtype=torch.float64)
+    torch.testing.assert_close(s.aggregate(jacobian, losses), torch.tensor([1.0, 1.0]).double())
+    torch.testing.assert_close(s.aggregate(jacobian, losses), torch.tensor([1.75, 1.75]).double())
+    # the defaults (LibMTL's): a constant β = 0.9, so ĝ = 0.1 h, then 0.9·0.1 h + 0.1 h = 0.19 h
+    default = tb.create_strategy("db_mtl", ["a", "b"])
+    close = {"rtol": 1e-6, "atol": 0.0}
+    torch.testing.assert_close(
+        default.aggregate(jacobian, losses), 0.2 * torch.ones(2).double(), **close
+    )
+    torch.testing.assert_close(
+        default.aggregate(jacobian, losses), 0.38 * torch.ones(2).double(), **close
+    )
+
+
+def test_db_mtl_epsilon_in_the_heads_and_the_domain() -> None:
+    # eps = 0.5: the heads get ∇log(L + 0.5) = ∇L / (L + 0.5); L = −0.5 has no logarithm
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    head = torch.tensor(3.0, requires_grad=True)
+    s = tb.create_strategy("db_mtl", ["a", "b"], eps=0.5)
+    s.backward({"a": head * w[0], "b": w[1] ** 2}, shared_params=[w])  # L_a = 3, ∂L_a/∂h = 1
+    assert head.grad is not None and head.grad.item() == pytest.approx(1 / 3.5)
+    with pytest.raises(tb.StrategyError, match=r"loss of task 'b' is -0\.5, which has no"):
+        s.backward({"a": head * w[0], "b": w[1] - 2.5}, shared_params=[w])
