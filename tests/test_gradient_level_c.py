@@ -7,6 +7,8 @@ by hand in the comments.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -63,6 +65,15 @@ def test_db_mtl_decaying_rate_by_hand() -> None:
     )
 
 
+def test_db_mtl_beta_zero_takes_this_steps_gradients() -> None:
+    # beta is in [0, 1): β = 0 keeps no average, ĝ = h; α = (2, 1) for g = (1, 0), (0, 2)
+    s = tb.create_strategy("db_mtl", ["a", "b"], beta=0.0, eps=0.0)
+    jacobian = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        s.aggregate(jacobian, torch.ones(2).double()), 2 * torch.ones(2).double()
+    )
+
+
 def test_db_mtl_epsilon_in_the_heads_and_the_domain() -> None:
     # eps = 0.5: the heads get ∇log(L + 0.5) = ∇L / (L + 0.5); L = −0.5 has no logarithm
     w = torch.tensor([1.0, 2.0], requires_grad=True)
@@ -72,3 +83,24 @@ def test_db_mtl_epsilon_in_the_heads_and_the_domain() -> None:
     assert head.grad is not None and head.grad.item() == pytest.approx(1 / 3.5)
     with pytest.raises(tb.StrategyError, match=r"loss of task 'b' is -0\.5, which has no"):
         s.backward({"a": head * w[0], "b": w[1] - 2.5}, shared_params=[w])
+
+
+# --------------------------------------------------------------------------- MoCo
+@pytest.mark.parametrize("rho", [None, 0.3])
+def test_moco_two_steps_of_algorithm_1(rho: float | None) -> None:
+    # Algorithm 1 with h = g: y ← y − β_t (y − h), λ ← Π_Δ(λ − γ_t (Y Yᵀ + ρ I) λ), d = Yᵀλ,
+    # β_t = 0.5/√t, γ_t = 0.1/√t, λ₀ = ½, y₀ = 0; rho=None is the default, ρ = 0. For two
+    # tasks Π_Δ(v) = v + (1 − Σv)/2 while both entries stay positive (they do here). The first
+    # step keeps λ ∝ 1 up to the projection, so ρ only shows in the second.
+    kwargs = {} if rho is None else {"rho": rho}
+    s = tb.create_strategy("moco", ["a", "b"], normalization="none", **kwargs)
+    jacobian = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    ridge = (rho or 0.0) * torch.eye(2, dtype=torch.float64)
+    y, lam = torch.zeros(2, 2, dtype=torch.float64), torch.full((2,), 0.5, dtype=torch.float64)
+    for t in (1, 2):
+        y = y - 0.5 / math.sqrt(t) * (y - jacobian)
+        lam = lam - 0.1 / math.sqrt(t) * (y @ y.T + ridge) @ lam
+        lam = lam + (1 - lam.sum()) / 2
+        assert bool((lam > 0).all())
+        torch.testing.assert_close(s.aggregate(jacobian), y.T @ lam)
+        torch.testing.assert_close(s.lambdas.double(), lam)
