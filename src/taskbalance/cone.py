@@ -21,7 +21,7 @@ at their bound, scaled gradient steps on the others, and an Armijo search along 
 arc. For a quadratic the method ends with an exact Newton step once the active set is identified,
 so a handful of iterations suffice. It runs on the Gramian's device, in float64 where the device
 has it, with a tolerance and an iteration cap, deterministically; when it does not converge it
-raises :class:`~taskbalance.StrategyError` rather than returning an unconverged answer.
+raises :class:`~taskbalance.SolverError` rather than returning an unconverged answer.
 
 Two preprocessing steps follow TorchJD's ``UPGrad``/``DualProj``: ``G`` is divided by its trace
 (the result depends only on the directions and relative sizes of the gradients, and the solver's
@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from taskbalance.strategy import StrategyError
+from taskbalance.strategy import SolverError, StrategyError
 
 __all__ = ["project_weights", "solver_dtype"]
 
@@ -149,7 +149,7 @@ def _solve_box_qp(a: Tensor, b: Tensor, *, tol: float, max_iter: int) -> Tensor:
     residual = _residual(x, x @ a + b)
     if bool((residual <= tol).all()):
         return x
-    raise StrategyError(
+    raise SolverError(
         f"dual-cone projection did not converge in {max_iter} iterations (KKT residual "
         f"{residual.max().item():.3g} > tol={tol}); raise max_iter, or reg_eps for "
         "nearly dependent gradients"

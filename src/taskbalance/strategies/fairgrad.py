@@ -10,7 +10,7 @@ from torch import Tensor
 
 from taskbalance.cone import solver_dtype
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError
+from taskbalance.strategy import GradientAggregation, OnFailure, SolverError, StrategyError
 
 _ARMIJO = 1e-4
 _HALVINGS = 30
@@ -29,7 +29,7 @@ def fair_weights(
     ``t^(−α/(α+1))``. Rows whose squared norm is at most ``ε²·max_j G_jj`` (``ε`` of the
     Gramian's dtype: numerically zero gradients) get weight 0, since no finite weight can
     satisfy their equation. Converged when ``max_i |(Gw)_i − w_i^(−1/α)| / w_i^(−1/α) ≤ tol``;
-    otherwise :class:`~taskbalance.StrategyError` (for example when two gradients are exactly
+    otherwise :class:`~taskbalance.SolverError` (for example when two gradients are exactly
     opposite: no direction improves both, and the weights diverge).
     """
     if not (alpha > 0 and math.isfinite(alpha)):
@@ -80,7 +80,7 @@ def fair_weights(
     target = w**power
     error = ((a @ w - target).abs() / target).amax()
     if not bool(torch.isfinite(error) & (error <= tol)):
-        raise StrategyError(
+        raise SolverError(
             f"FairGrad found no weights w > 0 with (G w)_i = w_i^(-1/alpha) in {max_iter} "
             f"iterations (relative residual {error.item():.3g} > tol={tol}): the task gradients "
             "may admit no direction that improves them all (for example two opposite gradients)"
