@@ -12,7 +12,9 @@ from taskbalance.registry import register_strategy
 from taskbalance.solvers import cagrad_weights, solver_dtype
 from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError
 
-_SMOOTHING = 1e-12  # in units of the largest squared gradient norm, as in the solver
+# ‖g_w‖² is floored at 1e-16 (Σ_i w_i ‖g_i‖)², relative to the size of its terms: below its
+# rounding error from the Gramian, so the floor only acts where g_w vanishes.
+_SMOOTHING = 1e-16
 
 
 @register_strategy(
@@ -44,8 +46,11 @@ class CAGrad(GradientAggregation):
     * The official code multiplies ``d`` by the number of tasks before writing it ("to match
       the sum loss"), so the update has the scale of ``Σ L_i``; so does this one. The task
       weights reported are therefore ``(1 + T·λ·w_i) / rescale`` with ``λ = √φ / ‖g_w‖``,
-      ``λ`` smoothed as ``√φ / √(‖g_w‖² + 1e-12·max_i ‖g_i‖²)`` (the official code adds 1e-8
-      in raw units).
+      ``w`` the exact dual solution (the solver uses no smoothing) and ``‖g_w‖²`` floored at
+      ``1e-16 (Σ_i w_i ‖g_i‖)²``: below its rounding error from the Gramian, so the floor acts
+      only where ``g_w`` vanishes (a Pareto-stationary optimum of the dual, where it leaves the
+      direction of ``g_w`` undetermined; there ``d`` is ``T g₀ / rescale``). The official code
+      adds 1e-8 to ``‖g_w‖²`` in raw units.
 
     ``on_failure`` (default ``"reuse"``): when the dual solver does not converge, the step
     reuses the previous step's dual solution ``w`` (``1/T`` each before any) with this step's
@@ -94,9 +99,9 @@ class CAGrad(GradientAggregation):
             lambda: cagrad_weights(work, self.c, tol=self.tol, max_iter=self.max_iter), index
         ).to(work.dtype)
         mean_norm = work.mean().clamp(min=0).sqrt()  # ‖g₀‖ = √(1ᵀG1) / T
-        smoothing = _SMOOTHING * work.diagonal().max().clamp(min=0)
+        smoothing = _SMOOTHING * (dual @ work.diagonal().clamp(min=0).sqrt()) ** 2
         combined_norm = (dual @ work @ dual + smoothing).clamp(min=0).sqrt()  # ‖g_w‖
-        # 0/0 only when every gradient is zero; then d = 0 whatever λ is.
+        # 0/0 only when the dual weights sit on zero gradients alone: λ g_w = 0 whatever λ is.
         ratio = torch.where(
             combined_norm > 0, mean_norm / combined_norm, torch.zeros_like(combined_norm)
         )
