@@ -221,6 +221,15 @@ def test_gradnorm_features_path_matches_parameter_path_for_identity_trunk() -> N
     torch.testing.assert_close(by_params.task_weights, by_features.task_weights)
 
 
+def test_gradnorm_default_adam_moves_the_weights_by_lr_first() -> None:
+    # Step 1: r_i = 1, G = ‖∇L‖ = (3, 1), Ḡ = 2: grad = sign(G − Ḡ)·‖∇L‖ = (3, −1). Adam's
+    # first step is lr·sign(grad) with the documented lr = 0.025: w = (0.975, 1.025), sum 2.
+    s = tb.create_strategy("gradnorm", tasks=["a", "b"])
+    w = torch.tensor([1.0, 1.0], requires_grad=True)
+    s.backward({"a": 3 * w[0], "b": w[1]}, shared_params=[w])
+    assert s.task_weights.tolist() == pytest.approx([0.975, 1.025], rel=1e-4)
+
+
 def test_gradnorm_needs_gradients_and_checks_alpha() -> None:
     s = tb.create_strategy("gradnorm", tasks=["a", "b"])
     theta = nn.Parameter(torch.tensor(1.0))

@@ -362,6 +362,20 @@ def test_nash_update_weights_every_reuses_the_solution(max_norm: float) -> None:
         make("nash_mtl", 2, optim_niter=0)
 
 
+def test_nash_default_tolerance_and_argument_bounds() -> None:
+    # Three tasks, the third against the sum of the others: damped Newton needs several steps,
+    # and the default tol = 1e-6 bounds the residual max_i |α_i (Gα)_i − 1| of the solution.
+    jacobian = t([[1.0, 0.0, 0.1], [0.0, 1.0, 0.1], [-0.5, -0.5, 0.1]])
+    strategy = make("nash_mtl", 3, max_norm=0.0)
+    strategy.aggregate(jacobian)
+    alpha = strategy.last_weights.double()
+    residual = (alpha * (jacobian @ jacobian.T @ alpha) - 1).abs().max()
+    assert float(residual) <= 1e-5  # last_weights is float32
+    make("nash_mtl", 2, optim_niter=1)  # an integer >= 1
+    with pytest.raises(StrategyError, match="tol must be a positive number"):
+        make("nash_mtl", 2, tol=0.0)
+
+
 def test_nash_reused_step_gives_alpha_one_to_a_task_without_a_solution() -> None:
     # solve with tasks a and b, then reuse with a, b, c: c has no stored α, so every present
     # task gets α = 1 (the official code's starting point), as documented

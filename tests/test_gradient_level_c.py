@@ -44,6 +44,45 @@ def test_config_weights_use_the_pseudo_inverse() -> None:
     torch.testing.assert_close(weights, torch.tensor([0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
 
 
+# --------------------------------------------------------------------------- UPGrad, DualProj
+# g1 = (1, 0), g2 = (−2, 1): G = [[1, −2], [−2, 5]], tr G = 6; the weights solve
+# w = argmin_{w ≥ u} ½ wᵀ(G/6 + r I)w. Where w_i > u_i, (G w)_i / 6 + r w_i = 0.
+CONE = torch.tensor([[1.0, 0.0], [-2.0, 1.0]], dtype=torch.float64)
+
+
+def test_dual_cone_methods_pass_reg_eps_to_the_projection() -> None:
+    # r = 0.1. DualProj, u = (½, ½): w2 = ½, (w1 − 1)/6 + 0.1 w1 = 0 → w1 = 0.625, so
+    # d = 0.625 g1 + ½ g2 = (−0.375, 0.5). UPGrad, u = e_i/2: for e2/2, w1 = 1/(1 + 0.6) = 0.625;
+    # for e1/2, w2 = 1/(5 + 0.6); w = (½ + 0.625, 1/5.6 + ½), d = w1 g1 + w2 g2.
+    dualproj = tb.create_strategy("dualproj", ["a", "b"], reg_eps=0.1)
+    torch.testing.assert_close(dualproj.aggregate(CONE), torch.tensor([-0.375, 0.5]).double())
+    w1, w2 = 0.5 + 0.625, 1 / 5.6 + 0.5
+    upgrad = tb.create_strategy("upgrad", ["a", "b"], reg_eps=0.1)
+    torch.testing.assert_close(upgrad.aggregate(CONE), torch.tensor([w1 - 2 * w2, w2]).double())
+
+
+@pytest.mark.parametrize("name", ["dualproj", "upgrad"])
+def test_dual_cone_methods_pass_tol_and_max_iter_to_the_projection(name: str) -> None:
+    # tol = 0.5 accepts the start w = u, whose KKT residual is at most 1/6: the mean gradient
+    loose = tb.create_strategy(name, ["a", "b"], tol=0.5)
+    torch.testing.assert_close(loose.aggregate(CONE), torch.tensor([-0.5, 0.5]).double())
+    # five conflicting tasks in three dimensions: one Newton step does not solve it
+    jacobian = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tb.create_strategy(name, list("abcde"), on_failure="raise").aggregate(jacobian)
+    capped = tb.create_strategy(name, list("abcde"), max_iter=1, on_failure="raise")
+    with pytest.raises(tb.SolverError):  # the iteration cap, not the problem
+        capped.aggregate(jacobian)
+
+
+# --------------------------------------------------------------------------- GradVac
+def test_gradvac_beta_one_sets_the_target_to_the_last_cosine() -> None:
+    # beta is in (0, 1]: φ̂ ← (1 − β) φ̂ + β cos = cos for β = 1; cos(g1, g2) = −2/√5
+    s = tb.create_strategy("gradvac", ["a", "b"], beta=1.0)
+    s.aggregate(CONE)
+    cosine = -2 / math.sqrt(5)
+    torch.testing.assert_close(s.targets, torch.tensor([[0.0, cosine], [cosine, 0.0]]))
+
+
 # --------------------------------------------------------------------------- DB-MTL
 def test_db_mtl_decaying_rate_by_hand() -> None:
     # β_t = beta / t^beta_sigma = 0.5/t; losses 1 (eps 0): h = g. With g = (1, 0), (0, 2):
