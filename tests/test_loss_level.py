@@ -332,6 +332,19 @@ def test_famo_weights_and_logit_update_by_hand() -> None:
     assert s.logits.tolist() == pytest.approx(expected)
 
 
+def test_famo_logit_step_is_stable_for_large_logits() -> None:
+    # the step's softmax is shifted by its max: ξ = (400, 399) (exp(400) overflows) still
+    # gives z = (σ(1), σ(−1)) and δ = z_a z_b (Δ_a − Δ_b)·(1, −1) with Δ = (log 2, log 4/3)
+    s = tb.create_strategy("famo", tasks=["a", "b"], lr=0.1, gamma=0.0, optimizer="sgd")
+    with torch.no_grad():
+        s.logits.copy_(torch.tensor([400.0, 399.0]))
+    s.backward(leaves(1.0, 4.0, names="ab"))
+    s.update({"a": torch.tensor(0.5), "b": torch.tensor(3.0)})
+    za = 1 / (1 + math.exp(-1))
+    delta = za * (1 - za) * (math.log(2) - math.log(4 / 3))
+    assert s.logits.tolist() == pytest.approx([400 - 0.1 * delta, 399 + 0.1 * delta])
+
+
 def test_famo_adam_first_step_and_softmax_jacobian() -> None:
     # Adam's first step is −lr·sign(grad) (bias-corrected m/√v = ±1, up to eps)
     s = tb.create_strategy("famo", tasks=["a", "b", "c"])
