@@ -126,6 +126,17 @@ def test_uncertainty_learns_log_variance_of_the_loss() -> None:
     assert s.log_var.tolist() == pytest.approx([math.log(9.0), math.log(0.25)], abs=0.02)
 
 
+def test_uncertainty_task_types_are_an_argument_not_state() -> None:
+    # loading a regression checkpoint keeps the classification weight e^(−s) (not ½e^(−s))
+    regression = tb.create_strategy("uncertainty", tasks=["a"])
+    classification = tb.create_strategy(
+        "uncertainty", tasks=["a"], task_types={"a": "classification"}
+    )
+    classification.load_state_dict(regression.state_dict())
+    with torch.no_grad():
+        assert classification({"a": torch.tensor(2.0)}).item() == pytest.approx(2.0)
+
+
 def test_uncertainty_checks_and_failed_step_keeps_state() -> None:
     with pytest.raises(tb.StrategyError, match=r"task_types\['a'\] must be"):
         tb.create_strategy("uncertainty", tasks=["a"], task_types={"a": "ranking"})
