@@ -136,7 +136,7 @@ def min_norm_weights(
     the face solution, the minimiser itself with exact zeros off its support.
 
     Guarantee (scale-invariant per task): with ``d = Σ w_i g_i`` and a multiplier ``ν``, every
-    task has ``g_iᵀd ≥ ν − τ_i``, and ``Σ_i w_i (g_iᵀd − ν) ≤ Σ_i w_i τ_i`` (the optimality
+    task has ``g_iᵀd ≥ ν − τ_i``, and ``Σ_i w_i (g_iᵀd − ν) ≤ 2 Σ_i w_i τ_i`` (the optimality
     conditions, exact for ``τ = 0``), with ``τ_i = tol·‖g_i‖·‖d‖`` plus a rounding allowance of
     64 epsilons (of the Gramian's dtype) of the terms, ``ε (Σ_j w_j ‖g_j‖)(‖g_i‖ + Σ_j w_j
     ‖g_j‖)``. ``tol`` defaults to 1e-10 (1e-5 on float32-only devices). For the min-norm point
@@ -276,15 +276,15 @@ def cagrad_weights(
     linear system) with ``‖g_w(t)‖ = r t``, a quadratic equation in ``t``; or, at a kink, the
     face's point with ``g_w = 0``.
 
-    Guarantee (scale-invariant per task), with the primal vector ``u`` (``‖u‖ ≤ 1``) found along
-    and ``p_i = g_iᵀ(g₀ + r u)``: ``p_i − ν ≥ −τ_i`` for every task and ``Σ_i w_i (p_i − ν) +
-    r(‖g_w‖ − g_wᵀu) ≤ Σ_i w_i τ_i`` (``ν = Σ_i w_i p_i``), with ``τ_i = tol·‖g_i‖·(1 + c)‖g₀‖``
-    plus a rounding allowance of 64 epsilons (of the Gramian's dtype) of the terms. ``tol``
-    defaults to 1e-10 (1e-5 on float32-only devices). Since ``h(w*) ≥ Σ_i w*_i p_i`` for the
-    optimal weights ``w*``, ``h(w) − h(w*) ≤ Σ_i (w_i + w*_i) τ_i``, whatever the spread of the
-    gradient norms. (Where ``g_w = 0``, ``‖g_w‖`` from the Gramian is only known to √ε of its
-    terms, and the allowance says so.) :class:`~taskbalance.SolverError` if nothing passes
-    within ``max_iter`` iterations.
+    Guarantee (scale-invariant per task), with the primal vector ``u`` (``‖u‖ ≤ 1``) found along,
+    ``p_i = g_iᵀ(g₀ + r u)`` and ``ν = Σ_i w_i p_i``: ``p_i − ν ≥ −τ_i`` for every task and
+    ``r(‖g_w‖ − g_wᵀu) ≤ Σ_i w_i τ_i``, with ``τ_i = tol·‖g_i‖·(1 + c)‖g₀‖`` plus a rounding
+    allowance of 64 epsilons (of the Gramian's dtype) of the terms. ``tol`` defaults to 1e-10
+    (1e-5 on float32-only devices). Since ``h(w) = ν + r(‖g_w‖ − g_wᵀu)`` and
+    ``h(w*) ≥ Σ_i w*_i p_i`` for the optimal weights ``w*``, ``h(w) − h(w*) ≤ Σ_i (w_i + w*_i)
+    τ_i``, whatever the spread of the gradient norms. (Where ``g_w = 0``, ``‖g_w‖`` from the
+    Gramian is only known to √ε of its terms, and the allowance says so.)
+    :class:`~taskbalance.SolverError` if nothing passes within ``max_iter`` iterations.
     """
     _check_gramian(gramian)
     _check_iterations(max_iter, check_every)
@@ -329,19 +329,19 @@ def _cagrad_interior_point(
     The saddle point of ``L(w, β) = wᵀb + r wᵀGβ`` over ``w`` in the simplex and ``β`` in the
     ellipsoid ``βᵀRβ ≤ 1``, ``R = G + εD²`` (``D = diag ‖g_i‖``, ``ε = max(1e-12, k·64ε_mach)``):
     ``u = Σ β_i g_i`` is the primal unit-ball vector of CAGrad (``d = g₀ + r u``), and ``εD²``
-    keeps ``β`` unique where the gradients are dependent (it only shrinks the ball, so
-    ``‖u‖ ≤ 1`` always). Primal-dual interior point as in :func:`_min_norm_interior_point`, on
-    ``b + rGβ − ν1 − z = 0``, ``rGw = λRβ``, ``1ᵀw = 1``, ``q = (1 − βᵀRβ)/2`` with
-    ``w∘z = 0``, ``λq = 0``: one symmetric ``(2k + 1)``-square Newton system, smooth even where
-    ``g_w = 0`` (there ``λ = 0``).
+    keeps ``β`` unique where the gradients are dependent (it only shrinks the ball). Primal-dual
+    interior point as in :func:`_min_norm_interior_point`, on ``b + rGβ − ν1 − z = 0``,
+    ``rGw = λRβ``, ``1ᵀw = 1``, ``q = (1 − βᵀRβ)/2`` with ``w∘z = 0``, ``λq = 0``: one
+    symmetric ``(2k + 1)``-square Newton system, smooth even where ``g_w = 0`` (there ``λ = 0``).
 
-    Certificate (exact, whatever ``ε``): with ``p = b + rGβ`` (``p_i = g_iᵀ(g₀ + r u)``),
-    ``h* ≥ Σ_i w*_i p_i`` for the optimal weights ``w*``, so weights ``y`` with
-    ``p_i − ν ≥ −τ_i`` for every task and ``Σ_i y_i (p_i − ν) + r(‖g_y‖ − g_yᵀu) ≤ Σ_i y_i τ_i``
-    have ``h(y) − h* ≤ Σ_i (y_i + w*_i) τ_i``. Candidates: the iterate; the exact minimiser on
-    the face of the simplex the iterates approach (see :func:`cagrad_weights`), with its own
-    ``u = g_y/‖g_y‖``; and that face's point with ``g_y = 0`` (a Pareto-stationary optimum), with
-    the iterate's ``u``.
+    Certificate (exact, whatever ``ε``): with ``p = b + rGβ`` (``p_i = g_iᵀ(g₀ + r u)``; ``β``
+    scaled back to ``‖u‖ = 1`` where an iterate has left the ball), ``h* ≥ Σ_i w*_i p_i`` for
+    the optimal weights ``w*``, so weights ``y`` with ``p_i − ν ≥ −τ_i`` for every task
+    (``ν = Σ_i y_i p_i``) and ``r(‖g_y‖ − g_yᵀu) ≤ Σ_i y_i τ_i`` have ``h(y) − h* ≤
+    Σ_i (y_i + w*_i) τ_i``. Candidates, every iteration: the iterate; the exact minimiser on the
+    face of the simplex the iterates approach (see :func:`cagrad_weights`), with its own
+    ``u = g_y/‖g_y‖``; and that face's point with ``g_y = 0`` (a Pareto-stationary optimum),
+    with the iterate's ``u``. A candidate that passes is kept and the iterate stays put.
     """
     count, dtype, device = work.shape[0], work.dtype, work.device
     tiny = torch.finfo(dtype).tiny
