@@ -214,7 +214,8 @@ def _min_norm_interior_point(
         rhs[:count, 0] = scale * (nu - grad)
         rhs[count, 0] = (1 - w.sum()) / size
         rhs[:count, 1] = scale / w
-        solved, _ = torch.linalg.solve_ex(kkt, rhs)
+        factors, pivots, _ = torch.linalg.lu_factor_ex(kkt)  # one factorisation, two solves
+        solved = torch.linalg.lu_solve(factors, pivots, rhs)
         # the Newton step towards w∘z = 0, and its change per unit of centring target
         affine, centring = scale * solved[:count, 0], scale * solved[:count, 1]
         tau = tolerance(w)
@@ -240,7 +241,7 @@ def _min_norm_interior_point(
         correction = affine * affine_z / w
         rhs[:count, 0] = scale * correction
         rhs[count, 0] = 0
-        corrected, _ = torch.linalg.solve_ex(kkt, rhs[:, :1])
+        corrected = torch.linalg.lu_solve(factors, pivots, rhs[:, :1])
         step = affine + target * centring - scale * corrected[:count, 0]
         nu_step = (corrected[count, 0] - solved[count, 0] - target * solved[count, 1]) / size
         z_step = (target - affine * affine_z) / w - z - ratio * step
@@ -430,7 +431,8 @@ def _cagrad_interior_point(
         rhs[tasks, 1] = scale[tasks] / w
         rhs[duals, 1] = scale[duals] * m / q
         rhs[size - 1, 1] = 0
-        solved, _ = torch.linalg.solve_ex(kkt, rhs)
+        factors, pivots, _ = torch.linalg.lu_factor_ex(kkt)  # one factorisation, two solves
+        solved = torch.linalg.lu_solve(factors, pivots, rhs)
         steps = scale[:, None] * solved[: 2 * count]
         affine_w, affine_beta = steps[tasks, 0], steps[duals, 0]
         # the exact candidate of this face, kept if it passes (no host sync until the check)
@@ -463,7 +465,7 @@ def _cagrad_interior_point(
         pair_w, pair_lam = affine_w * affine_z, affine_lam * affine_q
         rhs[tasks, 0] = scale[tasks] * (-r1 - z + (target - pair_w) / w)
         rhs[duals, 0] = scale[duals] * (-r2 + m * (lam * r4 + target - pair_lam) / q - lam * m)
-        corrected, _ = torch.linalg.solve_ex(kkt, rhs[:, :1])
+        corrected = torch.linalg.lu_solve(factors, pivots, rhs[:, :1])
         step = scale * corrected[: 2 * count, 0]
         step_w, step_beta = step[tasks], step[duals]
         step_nu = -corrected[size - 1, 0] / border
