@@ -338,6 +338,30 @@ def test_repr_of_a_strategy_defined_after_import() -> None:
         Scaled(["a"], scale=1.0)  # type: ignore[call-arg]
 
 
+class LearnedScales(tb.LossWeighting):
+    """A plug-in with a learned per-task weight s: objective Σ s_i L_i, so ∂/∂s_i = L_i."""
+
+    def __init__(self, tasks: list[str], **optimizer: object) -> None:
+        super().__init__(tasks)
+        self.add_learned_parameter("s", torch.ones(len(self.tasks)), lr=0.1, **optimizer)
+
+    def loss_weights(self, losses: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.s[index]
+
+
+def test_add_learned_parameter_adam_default_and_sgd_weight_decay() -> None:
+    losses = {
+        "a": torch.tensor(2.0, requires_grad=True),
+        "b": torch.tensor(3.0, requires_grad=True),
+    }
+    adam = LearnedScales(["a", "b"])
+    adam.backward(losses)  # Adam's first step: s − lr·sign(L)
+    assert adam.s.tolist() == pytest.approx([0.9, 0.9], rel=1e-6)
+    sgd = LearnedScales(["a", "b"], optimizer="sgd", weight_decay=0.5)
+    sgd.backward(losses)  # s − lr·(L + 0.5·s) = 1 − 0.1·(2.5, 3.5)
+    assert sgd.s.tolist() == pytest.approx([0.75, 0.65], rel=1e-6)
+
+
 # --------------------------------------------------------------------------- MultiTaskLoss
 def test_multitask_loss_partial_labels_and_gradient_strategies() -> None:
     criteria = {"cls": nn.CrossEntropyLoss(), "reg": nn.MSELoss()}

@@ -422,6 +422,23 @@ def test_imtl_g_matches_the_paper_closed_form() -> None:
     )
 
 
+def test_imtl_g_opposite_gradients_get_zero_weights() -> None:
+    # g and −2g: the cosine matrix [[1, −1], [−1, 1]] has 1 in its null space, so C⁺1 = 0:
+    # zero weights (d = 0 whatever the weights, but the heads get w_i ∇L_i)
+    strategy = make("imtl_g", 2)
+    weights = strategy.gramian_weights(
+        t([[1.0, -2.0], [-2.0, 4.0]]), torch.ones(2), torch.arange(2)
+    )
+    assert weights.tolist() == [0.0, 0.0]
+
+
+def test_mgda_l2_normalisation_keeps_a_zero_gradient_zero() -> None:
+    # g2 = 0: the min-norm point of the hull is 0 itself, d = 0, all the weight on task 2
+    strategy = make("mgda", 2, normalization="l2")
+    torch.testing.assert_close(strategy.aggregate(t([[1.0, 2.0], [0.0, 0.0]])), t([[0.0, 0.0]])[0])
+    assert strategy.last_weights.tolist() == [0.0, 1.0]
+
+
 def test_imtl_is_imtl_g_on_scaled_losses_and_learns_the_scales() -> None:
     problem = ToyProblem.create(("a", "b", "c"))
     strategy = tb.create_strategy("imtl", ("a", "b", "c"), lr=0.1)

@@ -61,6 +61,13 @@ def test_dual_cone_methods_pass_reg_eps_to_the_projection() -> None:
     torch.testing.assert_close(upgrad.aggregate(CONE), torch.tensor([w1 - 2 * w2, w2]).double())
 
 
+def test_dual_cone_methods_accept_reg_eps_zero() -> None:
+    # r = 0: DualProj's w1 = 1 (see above), d = g1 + ½ g2 = (0, ½), as in its docstring
+    dualproj = tb.create_strategy("dualproj", ["a", "b"], reg_eps=0.0)
+    torch.testing.assert_close(dualproj.aggregate(CONE), torch.tensor([0.0, 0.5]).double())
+    tb.create_strategy("upgrad", ["a", "b"], reg_eps=0.0)
+
+
 @pytest.mark.parametrize("name", ["dualproj", "upgrad"])
 def test_dual_cone_methods_pass_tol_and_max_iter_to_the_projection(name: str) -> None:
     # tol = 0.5 accepts the start w = u, whose KKT residual is at most 1/6: the mean gradient
