@@ -432,6 +432,18 @@ def test_imtl_g_opposite_gradients_get_zero_weights() -> None:
     assert weights.tolist() == [0.0, 0.0]
 
 
+def test_mgda_passes_tol_and_max_iter_to_the_solver() -> None:
+    # five tasks in three dimensions: one iteration does not reach the default tolerance, but
+    # its start already satisfies a loose one
+    jacobian = _random(5, 3, 0)
+    make("mgda", 5, tol=1e3, max_iter=1, on_failure="raise").aggregate(jacobian)
+    with pytest.raises(StrategyError):
+        make("mgda", 5, max_iter=1, on_failure="raise").aggregate(jacobian)
+    make("mgda", 2, tol=0.5)  # tol > 0 is all it takes
+    with pytest.raises(StrategyError, match="tol must be a positive number"):
+        make("mgda", 2, tol=0.0)
+
+
 def test_mgda_l2_normalisation_keeps_a_zero_gradient_zero() -> None:
     # g2 = 0: the min-norm point of the hull is 0 itself, d = 0, all the weight on task 2
     strategy = make("mgda", 2, normalization="l2")
