@@ -81,6 +81,20 @@ def test_dual_cone_methods_pass_tol_and_max_iter_to_the_projection(name: str) ->
         capped.aggregate(jacobian)
 
 
+# --------------------------------------------------------------------------- CAGrad
+def test_cagrad_passes_tol_to_its_solver() -> None:
+    # five tasks in three dimensions: one iteration does not reach the default tolerance, but
+    # its start already satisfies a loose one
+    jacobian = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tb.create_strategy("cagrad", list("abcde"), tol=1e3, max_iter=1, on_failure="raise").aggregate(
+        jacobian
+    )
+    with pytest.raises(tb.StrategyError):
+        tb.create_strategy("cagrad", list("abcde"), max_iter=1, on_failure="raise").aggregate(
+            jacobian
+        )
+
+
 # --------------------------------------------------------------------------- GradVac
 def test_gradvac_beta_one_sets_the_target_to_the_last_cosine() -> None:
     # beta is in (0, 1]: φ̂ ← (1 − β) φ̂ + β cos = cos for β = 1; cos(g1, g2) = −2/√5
