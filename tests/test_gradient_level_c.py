@@ -93,6 +93,12 @@ def test_cagrad_passes_tol_to_its_solver() -> None:
         tb.create_strategy("cagrad", list("abcde"), max_iter=1, on_failure="raise").aggregate(
             jacobian
         )
+    for kwargs, message in [
+        ({"tol": 0.0}, "tol must be a positive number"),
+        ({"max_iter": 0}, "max_iter must be an integer >= 1"),
+    ]:
+        with pytest.raises(tb.StrategyError, match=message):
+            tb.create_strategy("cagrad", ["a", "b"], **kwargs)
 
 
 # --------------------------------------------------------------------------- GradVac
