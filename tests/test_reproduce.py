@@ -454,7 +454,7 @@ def test_toy_paths_agree_and_a_failing_start_stops_alone() -> None:
     config = ReproduceConfig(wandb_mode="disabled")
     starts = [(0.0, PARETO_X2), (9.0, 9.0), (-8.5, -5.0)]
 
-    def run(method: str, path: str, **kwargs: float) -> pareto_toy.ToyRun:
+    def run(method: str, path: str, **kwargs: object) -> pareto_toy.ToyRun:
         return pareto_toy.run_toy(
             config, method, kwargs, starts, steps=5, scale=(0.1, 1.0), path=path, group="t"
         )
@@ -464,12 +464,17 @@ def test_toy_paths_agree_and_a_failing_start_stops_alone() -> None:
         batched, loop = run(method, "batched", **kwargs), run(method, "backward", **kwargs)
         assert torch.allclose(batched.final, loop.final, atol=1e-6)
         assert not batched.errors
-    # Nash-MTL has no bargaining solution for opposite gradients (the mean-loss optimum): that
-    # start stops with the error and where it was; the others go on.
-    nash = run("nash_mtl", "batched")
+    # Nash-MTL has no bargaining solution for opposite gradients (the mean-loss optimum). With
+    # on_failure="raise" that start stops with the error and where it was; the others go on.
+    nash = run("nash_mtl", "batched", on_failure="raise")
     assert set(nash.errors) == {0} and nash.errors[0].startswith("step 0: Nash-MTL")
     assert nash.final[0].tolist() == pytest.approx([0.0, PARETO_X2])
     assert (nash.final[1:] != torch.tensor(starts[1:])).all()
+    # By default it takes its previous weights (α = 1 at the first step) and goes on.
+    with pytest.warns(RuntimeWarning, match="previous step's weights"):
+        reusing = run("nash_mtl", "batched")
+    assert not reusing.errors
+    assert (reusing.final[1:] == nash.final[1:]).all()
 
 
 def test_unknown_reproduction_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,8 +34,10 @@ class MGDA(GradientAggregation):
     the step decreases every loss to first order. Two tasks have the closed form
     ``w₁ = clip((g₂ − g₁)ᵀg₂ / ‖g₁ − g₂‖², 0, 1)`` (the paper's Algorithm 1); more tasks are
     solved by :func:`taskbalance.solvers.min_norm_weights` in torch (the paper uses Frank–Wolfe;
-    here an interior-point Newton method stopped on the Frank–Wolfe duality gap; an unconverged
-    solve is a failure handled by ``on_failure``, never returned as if it were the answer).
+    here a primal-dual interior-point method that also solves the problem exactly on the face
+    its iterates approach, accepted on optimality conditions measured per task in units of that
+    task's gradient norm, so gradients of very different sizes get the exact min-norm point; an
+    unconverged solve is a failure handled by ``on_failure``, never returned as the answer).
 
     ``normalization`` rescales the gradients before the weights are solved for, as the
     authors' code does (it is not in the paper): ``"none"`` (the default: the paper's method),
