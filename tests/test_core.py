@@ -57,6 +57,8 @@ def test_static_argument_checks() -> None:
         tb.create_strategy("static", tasks=["a", "b"], weights=[1.0, 2.0, 3.0])
     with pytest.raises(tb.StrategyError, match="weights must be finite"):
         tb.create_strategy("static", tasks=["a"], weights=[math.inf])
+    with pytest.raises(tb.StrategyError, match=r"weights must hold numbers, got \['x'\]"):
+        tb.create_strategy("static", tasks=["a"], weights=["x"])
     assert tb.create_strategy("static", tasks=["a", "b"]).task_weights.tolist() == [1.0, 1.0]
     # non-negative, not positive: a zero weight switches a task off
     off = tb.create_strategy("static", tasks=["a", "b"], weights=[0.0, 2.0])
@@ -360,6 +362,32 @@ def test_add_learned_parameter_adam_default_and_sgd_weight_decay() -> None:
     sgd = LearnedScales(["a", "b"], optimizer="sgd", weight_decay=0.5)
     sgd.backward(losses)  # s − lr·(L + 0.5·s) = 1 − 0.1·(2.5, 3.5)
     assert sgd.s.tolist() == pytest.approx([0.75, 0.65], rel=1e-6)
+
+
+def test_a_learned_parameter_the_objective_does_not_use_stays_put() -> None:
+    # its gradient is zero, not missing: the step goes on and leaves it (and its moments) alone
+    class WithSpare(LearnedScales):
+        def __init__(self, tasks: list[str]) -> None:
+            super().__init__(tasks)
+            self.add_learned_parameter("spare", torch.ones(len(self.tasks)), lr=0.1)
+
+    s = WithSpare(["a", "b"])
+    s.backward(
+        {"a": torch.tensor(2.0, requires_grad=True), "b": torch.tensor(3.0, requires_grad=True)}
+    )
+    assert s.s.tolist() == pytest.approx([0.9, 0.9], rel=1e-6)
+    assert s.spare.tolist() == [1.0, 1.0]
+
+
+def test_a_linear_algebra_failure_is_a_solver_error_naming_the_strategy() -> None:
+    class Singular(tb.GradientAggregation):
+        def gramian_weights(
+            self, gramian: torch.Tensor, losses: torch.Tensor, index: torch.Tensor
+        ) -> torch.Tensor:
+            return torch.linalg.inv(torch.zeros_like(gramian)).sum(0)
+
+    with pytest.raises(tb.SolverError, match="Singular could not compute its weights"):
+        Singular(["a", "b"]).aggregate(torch.eye(2))
 
 
 # --------------------------------------------------------------------------- MultiTaskLoss

@@ -505,6 +505,19 @@ def test_aligned_by_hand_and_modes() -> None:
         make("aligned_mtl", 2, scale_mode="max")
 
 
+def test_aligned_median_of_three_and_rmse_over_the_kept_spectrum() -> None:
+    # G = diag(1, 4, 9): B = √λ_s diag(1, ½, ⅓); the median of three is the middle one, λ_s = 4,
+    # so w = (2, 1, ⅔) and every w_i g_i has length 2
+    three = t([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    median = aggregate("aligned_mtl", three, scale_mode="median")
+    torch.testing.assert_close(median, t([[2.0, 2.0, 2.0]])[0])
+    # g1 = g2 = (1, 0), g3 = (0, 2): eigenvalues 0 ((1, −1, 0)/√2, dropped), 2 and 4. The mean
+    # of the kept ones is 3; w = √3 (1/√2, 1/√2, ½), d = √3 (√2, 1)
+    duplicates = t([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    rmse = aggregate("aligned_mtl", duplicates, scale_mode="rmse")
+    torch.testing.assert_close(rmse, math.sqrt(3) * t([[math.sqrt(2), 1.0]])[0])
+
+
 @pytest.mark.parametrize("kind", ["random_3x20", "duplicates", "zero_row", "wide_8x3"])
 def test_aligned_rows_are_orthogonal_with_equal_norms(kind: str) -> None:
     from taskbalance.strategies.aligned_mtl import aligned_weights

@@ -166,6 +166,47 @@ def test_task_gramian_equals_the_materialised_gramian(batch: int, tie: bool) -> 
     assert id(net.conv.weight) not in found
 
 
+def test_task_gramian_runs_each_head_once() -> None:
+    # as for jacobian: row i starts at the i-th input of the stack, not at a one-hot vector
+    layer = nn.Linear(6, 3).double()
+    z = layer(torch.randn(2, 6, dtype=torch.float64))
+    calls = [0, 0, 0]
+    outputs = []
+    for i in range(3):
+        out = z * (i + 1.0)
+        out.register_hook(lambda grad, i=i: calls.__setitem__(i, calls[i] + 1))
+        outputs.append(out.pow(2).sum())
+    losses = torch.stack(outputs)
+    task_gramian(losses, list(layer.parameters()))
+    assert calls == [1, 1, 1]
+
+
+def test_task_gramian_zero_block_and_retain_graph_false() -> None:
+    # task b does not reach the layer (batch 5 ≠ its 3 inputs): a zero block of the layer's
+    # output shape; retain_graph=False frees the graph after the last row only
+    torch.manual_seed(0)
+    layer, extra = nn.Linear(3, 2).double(), torch.ones(2, dtype=torch.float64, requires_grad=True)
+    out = layer(torch.randn(5, 3, dtype=torch.float64))
+    losses = torch.stack([out.pow(2).mean(), (extra**2).sum()])
+    params = [*layer.parameters(), extra]
+    expected = gramian(jacobian(losses, params))
+    torch.testing.assert_close(task_gramian(losses, params, retain_graph=False), expected)
+    with pytest.raises(RuntimeError, match="second time"):
+        losses.sum().backward()
+
+
+@pytest.mark.parametrize("batch", [2, 8])  # kernel (B < in) and weight-gradient branches
+def test_task_gramian_of_float64_losses_on_a_float32_layer(batch: int) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    out = layer(torch.randn(batch, 4))
+    losses = torch.stack([out.pow(2).mean().double(), out.sum().double()])
+    params = list(layer.parameters())
+    result = task_gramian(losses, params)
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, gramian(jacobian(losses, params)), rtol=1e-5, atol=1e-6)
+
+
 def test_task_gramian_of_layers_outside_the_inputs_is_materialised() -> None:
     torch.manual_seed(0)
     net = _Net().double()
