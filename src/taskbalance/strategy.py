@@ -893,8 +893,8 @@ class GradientAggregation(Strategy):
             if not self._warned_fallback:
                 self._warned_fallback = True
                 warnings.warn(
-                    f"{type(self).__name__}: {error} -- on_failure='reuse': this step uses the "
-                    "previous step's weights. Shown once; the step report counts every "
+                    f"{type(self).__name__} takes the previous step's weights "
+                    f"(on_failure='reuse'): {error}. Shown once; the step report counts every "
                     "fallback ('failures'). Pass on_failure='raise' to stop instead.",
                     RuntimeWarning,
                     stacklevel=2,
