@@ -456,6 +456,19 @@ def test_zero_gradient_of_a_task_that_reaches_the_parameters_is_no_error() -> No
         s.backward({"a": (elsewhere**2).sum(), "b": w.sum() + 2.0}, shared_params=[w])
 
 
+@pytest.mark.parametrize(("name", "path"), [("mgda", "features"), ("moco", "shared_params")])
+def test_a_task_that_misses_the_inputs_is_named_with_the_argument(name: str, path: str) -> None:
+    # the per-task rows' check (features=, or a method that is not a Gramian weighting)
+    w = torch.ones(2, requires_grad=True)
+    z = w * 2.0  # features computed from w
+    elsewhere = torch.ones(2, requires_grad=True)
+    losses = {"a": (z**2).sum(), "b": (elsewhere**2).sum()}
+    inputs = {"features": z} if path == "features" else {"shared_params": [w]}
+    message = f"task 'b' does not depend on any tensor of {path};"
+    with pytest.raises(tb.StrategyError, match=message):
+        tb.create_strategy(name, tasks=["a", "b"]).backward(losses, **inputs)  # type: ignore[arg-type]
+
+
 def test_failed_step_restores_a_buffer_the_step_replaced() -> None:
     # Strategies size some state on first use (MoCo's running gradients): a step that fails
     # after the sizing must leave the old, unsized buffer, shape included.

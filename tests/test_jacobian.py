@@ -207,6 +207,16 @@ def test_task_gramian_of_float64_losses_on_a_float32_layer(batch: int) -> None:
     torch.testing.assert_close(result, gramian(jacobian(losses, params)), rtol=1e-5, atol=1e-6)
 
 
+def test_task_gramian_of_a_layer_whose_bias_is_not_an_input() -> None:
+    # only the weight is shared: the layer is materialised, and the bias contributes nothing
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 2).double()
+    out = layer(torch.randn(3, 6, dtype=torch.float64))
+    losses = torch.stack([out.pow(2).mean(), out.sum()])
+    expected = gramian(jacobian(losses, [layer.weight]))
+    torch.testing.assert_close(task_gramian(losses, [layer.weight]), expected)
+
+
 def test_task_gramian_of_layers_outside_the_inputs_is_materialised() -> None:
     torch.manual_seed(0)
     net = _Net().double()
