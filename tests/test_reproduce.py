@@ -473,7 +473,7 @@ def test_toy_paths_agree_and_a_failing_start_stops_alone() -> None:
     # By default it takes its previous weights (α = 1 at the first step) and goes on.
     with pytest.warns(RuntimeWarning, match="previous step's weights"):
         reusing = run("nash_mtl", "batched")
-    assert not reusing.errors
+    assert not reusing.errors and reusing.fallbacks[0] >= 1 and nash.fallbacks == [0, 0, 0]
     assert (reusing.final[1:] == nash.final[1:]).all()
 
 

@@ -55,6 +55,8 @@ class ToyRun:
     final: Tensor  # [starts, 2]
     seconds: float
     errors: dict[int, str] = field(default_factory=dict)  # start -> "step k: message"
+    # per start: steps whose per-step problem failed and took the previous weights (on_failure)
+    fallbacks: list[int] = field(default_factory=list)
 
 
 def run_toy(
@@ -146,9 +148,10 @@ def run_toy(
     seconds = time.perf_counter() - start
     final = torch.stack([p.detach().clone() for p in points])
     records[:, -1] = final
-    tracker.summary({"seconds": seconds, "errors": len(errors)})
+    fallbacks = [int(getattr(s, "failures", 0)) for s in strategies]
+    tracker.summary({"seconds": seconds, "errors": len(errors), "failures": sum(fallbacks)})
     tracker.finish()
-    return ToyRun(method, records, final, seconds, errors)
+    return ToyRun(method, records, final, seconds, errors, fallbacks)
 
 
 def run_methods(
@@ -203,6 +206,7 @@ def summarise(run: ToyRun, front: Tensor, scale: tuple[float, float]) -> dict[st
         .tolist(),
         seconds=run.seconds,
         errors={str(k): v for k, v in run.errors.items()},
+        solver_fallbacks=run.fallbacks,
     )
     return summary
 
