@@ -211,6 +211,23 @@ def _task_optimizers(problem: ToyProblem, name: str) -> tb.TaskOptimizers:
     )
 
 
+def test_fixed_scale_keeps_float64_rows_in_float64() -> None:
+    # the per-task rows are unscaled in their own dtype (only fp16/bf16 rows become float32),
+    # so a float64 model under a power-of-two scale takes the unscaled step bit for bit
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        plain, scaled = ToyProblem.create(TASKS), ToyProblem.create(TASKS)
+        s_plain, s_scaled = _make("mgda"), _make("mgda")
+        opt_plain, opt_scaled, scaler = _sgd(plain), _sgd(scaled), _fixed_scaler()
+        for step in range(2):
+            expected = _step(s_plain, plain, opt_plain, step, "features")
+            got = _step(s_scaled, scaled, opt_scaled, step, "features", scaler)
+            assert torch.equal(expected.weight_values, got.weight_values), f"weights, step {step}"
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @pytest.mark.parametrize("name", tb.list_strategies())
 def test_task_optimizers_with_a_scaler(name: str) -> None:
     """TaskOptimizers(strategy=...): a fixed scale changes nothing; an overflow skips every

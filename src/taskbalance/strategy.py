@@ -608,9 +608,11 @@ def _has_nonfinite_grad(tensors: Iterable[Tensor]) -> bool:
             grads.setdefault(tensor.grad.device, []).append(tensor.grad)
     found = False
     for device, group in grads.items():
-        flag = torch.zeros((), device=device)
-        # GradScaler's own check (multiplying by 1 leaves the gradients unchanged).
-        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones((), device=device))
+        # GradScaler's own check (multiplying by 1 leaves the gradients unchanged); its flag and
+        # inverse scale must be float32 whatever the default dtype, as GradScaler makes them.
+        flag = torch.zeros((), dtype=torch.float32, device=device)
+        one = torch.ones((), dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, one)
         found = found or bool(flag)  # host sync: the scaled path syncs anyway in scaler.step
     return found
 
