@@ -127,17 +127,27 @@ def run_ranks(args: argparse.Namespace) -> None:
         print(f"[{number}/{len(todo)}] {verdict:8s} {name}", flush=True)
 
 
-def report(args: argparse.Namespace) -> None:
-    """Per file: mutants, sampled, killed (timeouts count), survived, equivalent, kill rate over
-    the non-equivalent sampled mutants; then the survivors not argued equivalent."""
-    sampled = set(SAMPLE.read_text().split())
-    equivalent = set()
+def argued() -> dict[str, str]:
+    """Survivors argued not killable here, from ``mutmut_equivalent.txt``: ``name kind reason``
+    per line, ``kind`` ``equivalent`` (no observable behaviour changes) or ``cpu-only`` (only a
+    non-CPU device tells the mutant apart; this machine and CI have none)."""
+    kinds = {}
     if EQUIVALENT.exists():
         for line in EQUIVALENT.read_text().splitlines():
             if line.strip() and not line.startswith("#"):
-                equivalent.add(line.split()[0])
-    header = ("file", "total", "sampled", "killed", "survived", "equiv", "other", "kill rate")
-    print("{:42s} {:>6s} {:>7s} {:>6s} {:>8s} {:>5s} {:>5s} {:>9s}".format(*header))
+                name, kind, *_ = line.split()
+                kinds[name] = kind
+    return kinds
+
+
+def report(args: argparse.Namespace) -> None:
+    """Per file: mutants, sampled, killed (timeouts count), survived, of these argued equivalent
+    or CPU-only, other verdicts, and the kill rate over the sampled mutants that are neither;
+    then the survivors not argued."""
+    sampled = set(SAMPLE.read_text().split())
+    kinds = argued()
+    header = ("file", "total", "sampled", "killed", "survived", "equiv", "cpu", "other", "rate")
+    print("{:42s} {:>6s} {:>7s} {:>6s} {:>8s} {:>5s} {:>4s} {:>5s} {:>7s}".format(*header))
     open_survivors = []
     for meta in meta_files():
         codes = load_meta(meta)["exit_code_by_key"]
@@ -147,13 +157,14 @@ def report(args: argparse.Namespace) -> None:
         killed = [n for n, c in mine.items() if c in (1, 3, TIMEOUT, 24, -24, 152, 255)]
         survived = [n for n, c in mine.items() if c == SURVIVED]
         other = len(mine) - len(killed) - len(survived)
-        equiv = [n for n in survived if n in equivalent]
-        open_survivors += [n for n in survived if n not in equivalent]
-        scored = len(killed) + len(survived) - len(equiv)
-        rate = f"{100 * len(killed) / scored:.1f} %" if scored else "-"
+        equivalent = [n for n in survived if kinds.get(n) == "equivalent"]
+        cpu_only = [n for n in survived if kinds.get(n) == "cpu-only"]
+        open_survivors += [n for n in survived if n not in kinds]
+        scored = len(killed) + len(survived) - len(equivalent) - len(cpu_only)
+        rate = f"{100 * len(killed) / scored:.1f}%" if scored else "-"
         print(
             f"{source_of(meta):42s} {len(codes):6d} {len(mine):7d} {len(killed):6d} "
-            f"{len(survived):8d} {len(equiv):5d} {other:5d} {rate:>9s}"
+            f"{len(survived):8d} {len(equivalent):5d} {len(cpu_only):4d} {other:5d} {rate:>7s}"
         )
     if args.survivors:
         print("\nsurvivors not argued equivalent:")
