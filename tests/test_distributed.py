@@ -499,6 +499,96 @@ def test_partial_labels_under_ddp(runs: tuple[list[dict[str, Any]], dict[str, An
             assert torch.equal(a, b), f"{name}: ranks differ after partial-label steps"
 
 
+class IdenticalRanks:
+    """A stand-in for ``torch.distributed``: ``world`` ranks holding the same tensors, so a sum
+    over a group is ``size × tensor``; ``"pair"`` is a sub-group of 2 ranks (this one rank 0).
+    It lets one process check which group a reduction is taken over (the spawn has 2 ranks
+    only, so there WORLD and any multi-rank group have the same size)."""
+
+    ReduceOp = dist.ReduceOp
+
+    def __init__(self, world: int) -> None:
+        self.sizes = {None: world, "world": world, "pair": 2}
+        self.group = type("Groups", (), {"WORLD": "world"})
+        self.issued: list[str] = []
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_world_size(self, group: Any = None) -> int:
+        return self.sizes[group]
+
+    def get_rank(self, group: Any = None) -> int:
+        return 0
+
+    def all_reduce(self, tensor: Tensor, op: Any = None, group: Any = None) -> None:
+        self.issued.append("all_reduce")
+        tensor.mul_(self.sizes[group])
+
+    def all_gather(self, tensors: list[Tensor], tensor: Tensor, group: Any = None) -> None:
+        self.issued.append("all_gather")
+        for out in tensors:
+            out.copy_(tensor)
+
+
+def _fake_ranks(monkeypatch: pytest.MonkeyPatch, world: int) -> IdenticalRanks:
+    fake = IdenticalRanks(world)
+    monkeypatch.setattr(distributed, "dist", fake)
+    return fake
+
+
+def _one_step(name: str, path: str, group: Any = None, **kwargs: Any) -> dict[str, Any]:
+    inner = Net()
+    strategy = tb.create_strategy(name, TASKS, **kwargs)
+    strategy.process_group = group
+    x, y = local_batch(0, 0)
+    features, outputs = inner(x)
+    inputs = (
+        {"features": features}
+        if path == "features"
+        else {"shared_params": [*inner.trunk.parameters()]}
+    )
+    report = strategy.backward(task_losses(outputs, y), **inputs)  # type: ignore[arg-type]
+    return {"weights": report.weight_values, "grads": [p.grad.clone() for p in inner.parameters()]}
+
+
+# uncertainty: the loss all-reduce; mgda: the Jacobian all-reduce (shared_params) and all-gather
+# (features); graddrop with leak 1 (a plain sum, no masks): its features block is multiplied by
+# the group's number of ranks
+SUB_GROUP_STEPS: list[tuple[str, str, dict[str, Any]]] = [
+    ("uncertainty", "shared_params", {}),
+    ("mgda", "shared_params", {}),
+    ("mgda", "features", {}),
+    ("graddrop", "features", {"leak": 1.0}),
+]
+
+
+def test_reductions_over_a_sub_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a world of 4 identical ranks, reducing over the 2-rank ``"pair"`` divides by 2: the mean
+    is the rank's own value, and a step over the pair is the one-process step."""
+    plain = [_one_step(name, path, **kwargs) for name, path, kwargs in SUB_GROUP_STEPS]
+    fake = _fake_ranks(monkeypatch, world=4)
+    value = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_mean(value, "pair").tolist() == [1.0, 2.0]
+    for (name, path, kwargs), expected in zip(SUB_GROUP_STEPS, plain):
+        got = _one_step(name, path, group="pair", **kwargs)
+        torch.testing.assert_close(got["weights"], expected["weights"], msg=f"{name}/{path}")
+        for a, b in zip(got["grads"], expected["grads"]):
+            torch.testing.assert_close(a, b, msg=f"{name}/{path}")
+    assert "all_gather" in fake.issued  # the features path went through the group too
+
+
+def test_one_rank_is_not_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.distributed initialised with a single rank: nothing to reduce, no collective."""
+    fake = _fake_ranks(monkeypatch, world=1)
+    assert not distributed.is_distributed() and distributed.world_size() == 1
+    _one_step("mgda", "shared_params")
+    assert fake.issued == []
+
+
 def test_no_communication_without_torch_distributed() -> None:
     assert not distributed.is_distributed()
     assert distributed.world_size() == 1
