@@ -501,7 +501,8 @@ def test_partial_labels_under_ddp(runs: tuple[list[dict[str, Any]], dict[str, An
 
 class IdenticalRanks:
     """A stand-in for ``torch.distributed``: ``world`` ranks holding the same tensors, so a sum
-    over a group is ``size × tensor``; ``"pair"`` is a sub-group of 2 ranks (this one rank 0).
+    over a group is ``size × tensor``; ``"pair"`` is a sub-group of 2 ranks: the last two, so
+    this process is rank ``world − 1`` of the world and rank 1 of the pair.
     It lets one process check which group a reduction is taken over (the spawn has 2 ranks
     only, so there WORLD and any multi-rank group have the same size)."""
 
@@ -522,7 +523,7 @@ class IdenticalRanks:
         return self.sizes[group]
 
     def get_rank(self, group: Any = None) -> int:
-        return 0
+        return self.sizes[group] - 1
 
     def all_reduce(self, tensor: Tensor, op: Any = None, group: Any = None) -> None:
         self.issued.append("all_reduce")
@@ -573,6 +574,7 @@ def test_reductions_over_a_sub_group(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = _fake_ranks(monkeypatch, world=4)
     value = torch.tensor([1.0, 2.0])
     assert distributed.all_reduce_mean(value, "pair").tolist() == [1.0, 2.0]
+    assert (distributed.rank("pair"), distributed.rank()) == (1, 3)
     for (name, path, kwargs), expected in zip(SUB_GROUP_STEPS, plain):
         got = _one_step(name, path, group="pair", **kwargs)
         torch.testing.assert_close(got["weights"], expected["weights"], msg=f"{name}/{path}")
