@@ -531,6 +531,7 @@ class IdenticalRanks:
 
     def all_gather(self, tensors: list[Tensor], tensor: Tensor, group: Any = None) -> None:
         self.issued.append("all_gather")
+        assert len(tensors) == self.sizes[group], "one output per rank of the group"
         for out in tensors:
             out.copy_(tensor)
 
@@ -541,11 +542,13 @@ def _fake_ranks(monkeypatch: pytest.MonkeyPatch, world: int) -> IdenticalRanks:
     return fake
 
 
-def _one_step(name: str, path: str, group: Any = None, **kwargs: Any) -> dict[str, Any]:
-    inner = Net()
+def _one_step(
+    name: str, path: str, group: Any = None, dtype: torch.dtype = torch.float32, **kwargs: Any
+) -> dict[str, Any]:
+    inner = Net().to(dtype)
     strategy = tb.create_strategy(name, TASKS, **kwargs)
     strategy.process_group = group
-    x, y = local_batch(0, 0)
+    x, y = (t.to(dtype) for t in local_batch(0, 0))
     features, outputs = inner(x)
     inputs = (
         {"features": features}
@@ -557,12 +560,13 @@ def _one_step(name: str, path: str, group: Any = None, **kwargs: Any) -> dict[st
 
 
 # uncertainty: the loss all-reduce; mgda: the Jacobian all-reduce (shared_params) and all-gather
-# (features); graddrop with leak 1 (a plain sum, no masks): its features block is multiplied by
-# the group's number of ranks
+# (features), scale-free weights; graddrop with leak 1 (a plain sum, no masks): the reduced rows'
+# scale shows in the update, and its features block is multiplied by the group's number of ranks
 SUB_GROUP_STEPS: list[tuple[str, str, dict[str, Any]]] = [
     ("uncertainty", "shared_params", {}),
     ("mgda", "shared_params", {}),
     ("mgda", "features", {}),
+    ("graddrop", "shared_params", {"leak": 1.0}),
     ("graddrop", "features", {"leak": 1.0}),
 ]
 
@@ -581,6 +585,11 @@ def test_reductions_over_a_sub_group(monkeypatch: pytest.MonkeyPatch) -> None:
         for a, b in zip(got["grads"], expected["grads"]):
             torch.testing.assert_close(a, b, msg=f"{name}/{path}")
     assert "all_gather" in fake.issued  # the features path went through the group too
+    # float64 rows stay float64 through the gather: halving and doubling are exact, bit for bit
+    exact = {"dtype": torch.float64, "leak": 1.0}
+    got = _one_step("graddrop", "features", group="pair", **exact)
+    expected = _one_step("graddrop", "features", **exact)
+    assert all(torch.equal(a, b) for a, b in zip(got["grads"], expected["grads"]))
 
 
 def test_one_rank_is_not_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
