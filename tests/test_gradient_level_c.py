@@ -77,7 +77,7 @@ def test_dual_cone_methods_pass_tol_and_max_iter_to_the_projection(name: str) ->
     jacobian = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     tb.create_strategy(name, list("abcde"), on_failure="raise").aggregate(jacobian)
     capped = tb.create_strategy(name, list("abcde"), max_iter=1, on_failure="raise")
-    with pytest.raises(tb.SolverError):  # the iteration cap, not the problem
+    with pytest.raises(tb.StrategyError):  # the iteration cap, not the problem
         capped.aggregate(jacobian)
 
 
