@@ -181,14 +181,21 @@ def test_task_gramian_runs_each_head_once() -> None:
     assert calls == [1, 1, 1]
 
 
-def test_task_gramian_zero_block_and_retain_graph_false() -> None:
+def test_task_gramian_zero_block_for_a_task_that_misses_a_layer() -> None:
     # task b does not reach the layer (batch 5 ≠ its 3 inputs): a zero block of the layer's
-    # output shape; retain_graph=False frees the graph after the last row only
+    # output shape
     torch.manual_seed(0)
     layer, extra = nn.Linear(3, 2).double(), torch.ones(2, dtype=torch.float64, requires_grad=True)
     out = layer(torch.randn(5, 3, dtype=torch.float64))
     losses = torch.stack([out.pow(2).mean(), (extra**2).sum()])
     params = [*layer.parameters(), extra]
+    torch.testing.assert_close(task_gramian(losses, params), gramian(jacobian(losses, params)))
+
+
+def test_task_gramian_retain_graph_false_frees_the_graph_after_the_last_row() -> None:
+    net = _Net().double()
+    losses = _losses(net, 3)  # three heads on one trunk: every row needs the shared graph
+    params = list(net.parameters())
     expected = gramian(jacobian(losses, params))
     torch.testing.assert_close(task_gramian(losses, params, retain_graph=False), expected)
     with pytest.raises(RuntimeError, match="second time"):
