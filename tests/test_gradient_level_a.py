@@ -299,6 +299,17 @@ def test_cagrad_by_hand() -> None:
         make("cagrad", 2, rescale=3)
 
 
+def test_cagrad_where_the_dual_combination_vanishes() -> None:
+    # g₁ = −g₂ and g₃ ⟂ both: the dual puts w = (½, ½, 0), so g_w = 0 and λ = √φ/‖g_w‖ is
+    # undefined. Then d = T·g₀/(1 + c²) and every weight is 1/(1 + c²): not λ ~ 1e8 weights
+    # that hand the heads enormous gradients for the same shared update.
+    jacobian = t([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    strategy = make("cagrad", 3, c=0.4)
+    weights = strategy.gramian_weights(jacobian @ jacobian.T, torch.ones(3), torch.arange(3))
+    torch.testing.assert_close(weights, torch.full((3,), 1 / 1.16, dtype=torch.float64))
+    torch.testing.assert_close(strategy.aggregate(jacobian), t([[0.0, 1 / 1.16]])[0])
+
+
 def test_cagrad_improves_the_worst_task_most() -> None:
     jacobian = _random(3, 8, 9)
     c = 0.4

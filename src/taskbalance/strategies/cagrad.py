@@ -12,9 +12,9 @@ from taskbalance.registry import register_strategy
 from taskbalance.solvers import cagrad_weights, solver_dtype
 from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError
 
-# ‖g_w‖² is floored at 1e-16 (Σ_i w_i ‖g_i‖)², relative to the size of its terms: below its
-# rounding error from the Gramian, so the floor only acts where g_w vanishes.
-_SMOOTHING = 1e-16
+# g_w counts as zero when ‖g_w‖² ≤ 1e-16 (Σ_i w_i ‖g_i‖)², relative to the size of its terms:
+# below its rounding error from the Gramian.
+_ZERO = 1e-16
 
 
 @register_strategy(
@@ -46,11 +46,14 @@ class CAGrad(GradientAggregation):
     * The official code multiplies ``d`` by the number of tasks before writing it ("to match
       the sum loss"), so the update has the scale of ``Σ L_i``; so does this one. The task
       weights reported are therefore ``(1 + T·λ·w_i) / rescale`` with ``λ = √φ / ‖g_w‖``,
-      ``w`` the exact dual solution (the solver uses no smoothing) and ``‖g_w‖²`` floored at
-      ``1e-16 (Σ_i w_i ‖g_i‖)²``: below its rounding error from the Gramian, so the floor acts
-      only where ``g_w`` vanishes (a Pareto-stationary optimum of the dual, where it leaves the
-      direction of ``g_w`` undetermined; there ``d`` is ``T g₀ / rescale``). The official code
-      adds 1e-8 to ``‖g_w‖²`` in raw units.
+      ``w`` the exact dual solution (the solver uses no smoothing). Where ``g_w`` vanishes
+      (``‖g_w‖² ≤ 1e-16 (Σ_i w_i ‖g_i‖)²``, its rounding error from the Gramian: a
+      Pareto-stationary optimum of the dual, which leaves the direction of ``g_w``
+      undetermined) ``λ g_w`` is dropped: ``d = T g₀ / rescale`` and every weight is
+      ``1 / rescale``, where ``λ`` of order 1e8 would hand the heads enormous weights for a
+      shared update that is the same. The official code smooths instead, with 1e-8 under the
+      square root of the dual objective and ``λ = √φ / (‖g_w‖ + 1e-8)`` in raw units, so that
+      ``d = g₀`` there too (``g_w = 0``).
 
     ``on_failure`` (default ``"reuse"``): when the dual solver does not converge, the step
     reuses the previous step's dual solution ``w`` (``1/T`` each before any) with this step's
@@ -99,12 +102,10 @@ class CAGrad(GradientAggregation):
             lambda: cagrad_weights(work, self.c, tol=self.tol, max_iter=self.max_iter), index
         ).to(work.dtype)
         mean_norm = work.mean().clamp(min=0).sqrt()  # ‖g₀‖ = √(1ᵀG1) / T
-        smoothing = _SMOOTHING * (dual @ work.diagonal().clamp(min=0).sqrt()) ** 2
-        combined_norm = (dual @ work @ dual + smoothing).clamp(min=0).sqrt()  # ‖g_w‖
-        # 0/0 only when the dual weights sit on zero gradients alone: λ g_w = 0 whatever λ is.
-        ratio = torch.where(
-            combined_norm > 0, mean_norm / combined_norm, torch.zeros_like(combined_norm)
-        )
+        squared = dual @ work @ dual  # ‖g_w‖²
+        vanishes = squared <= _ZERO * (dual @ work.diagonal().clamp(min=0).sqrt()) ** 2
+        safe = torch.where(vanishes, torch.ones_like(squared), squared)
+        ratio = torch.where(vanishes, torch.zeros_like(squared), mean_norm / safe.sqrt())
         weights = 1 + count * self.c * ratio * dual
         divisor = {0: 1.0, 1: 1 + self.c**2, 2: 1 + self.c}[self.rescale]
         return (weights / divisor).to(gramian.dtype)
