@@ -6,10 +6,10 @@ mutates into ``mutants/`` and runs, per mutant, the tests that called the mutate
 its stats run. Run from a scratch git worktree, never from a checkout you edit::
 
     git worktree add /tmp/mut HEAD && cd /tmp/mut
-    python tools/mutation.py sample        # generate the mutants, write mutants/sample*.txt
+    python .ci/mutation.py sample          # generate the mutants, write mutants/sample*.txt
     OMP_NUM_THREADS=1 nice mutmut run --max-children 2 $(cat mutants/sample-mutmut.txt)
-    python tools/mutation.py ranks         # the rest of the sample: tests/test_distributed.py
-    python tools/mutation.py report        # per file: total / sampled / killed / survived
+    python .ci/mutation.py ranks           # the rest of the sample: tests/test_distributed.py
+    python .ci/mutation.py report          # per file: total / sampled / killed / survived
     mutmut show <mutant name>              # the diff of one mutant
 
 ``distributed.py``'s collectives (and the base classes' code for them) run only inside the

@@ -1,5 +1,5 @@
 """GradDrop, GradVac, PCGrad, ConFIG, UPGrad, DualProj, CAGrad, DB-MTL and MoCo: tests that kill
-the mutants the rest of the suite let live (issue 11, mutation testing; see tools/mutation.py).
+the mutants the rest of the suite let live (issue 11, mutation testing; see .ci/mutation.py).
 
 Each test pins behaviour the papers or the docstrings state; the expected values are derived
 by hand in the comments.
