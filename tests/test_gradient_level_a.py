@@ -448,7 +448,7 @@ def test_mgda_passes_tol_and_max_iter_to_the_solver() -> None:
     # its start already satisfies a loose one
     jacobian = _random(5, 3, 0)
     make("mgda", 5, tol=1e3, max_iter=1, on_failure="raise").aggregate(jacobian)
-    with pytest.raises(StrategyError):
+    with pytest.raises(tb.SolverError):
         make("mgda", 5, max_iter=1, on_failure="raise").aggregate(jacobian)
     make("mgda", 2, tol=0.5)  # tol > 0 is all it takes
     with pytest.raises(StrategyError, match="tol must be a positive number"):

@@ -89,7 +89,7 @@ def test_cagrad_passes_tol_to_its_solver() -> None:
     tb.create_strategy("cagrad", list("abcde"), tol=1e3, max_iter=1, on_failure="raise").aggregate(
         jacobian
     )
-    with pytest.raises(tb.StrategyError):
+    with pytest.raises(tb.SolverError):
         tb.create_strategy("cagrad", list("abcde"), max_iter=1, on_failure="raise").aggregate(
             jacobian
         )

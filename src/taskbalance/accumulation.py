@@ -108,11 +108,10 @@ class GradientAccumulator:
             raise StrategyError(
                 f"backward needs losses that require grad; task {batch.names[0]!r} has no graph"
             )
-        scale = _scale_factor(scaler)
+        scale = _scale_factor(scaler, values.device)
         if scale is None:
             rows = jacobian(values, self._ordered, retain_graph=False)
         else:
-            scale = scale.to(values.device)
             rows = jacobian(values, self._ordered, retain_graph=False, scale=scale).float() / scale
         if self._rows is None:
             count = len(self.strategy.tasks)

@@ -181,8 +181,7 @@ def _min_norm_interior_point(
     count, dtype, device = work.shape[0], work.dtype, work.device
     tiny = torch.finfo(dtype).tiny
     norms = work.diagonal().clamp(min=0).sqrt()
-    face_rhs = torch.stack([torch.zeros_like(norms), torch.zeros_like(norms)], dim=1)
-    face_sum = norms.new_tensor([1.0, 0.0])
+    face_rhs, face_sum = norms.new_zeros(count, 1), norms.new_ones(1)  # Ĝw − ν1 = 0, 1ᵀw = 1
 
     def tolerance(w: Tensor) -> Tensor:
         terms = w @ norms  # Σ_j w_j ‖g_j‖

@@ -634,14 +634,16 @@ def scaled_backward(total: Tensor, scaler: torch.amp.GradScaler | None) -> None:
     scaler.scale(total).backward()
 
 
-def _scale_factor(scaler: torch.amp.GradScaler | None) -> Tensor | None:
+def _scale_factor(scaler: torch.amp.GradScaler | None, device: torch.device) -> Tensor | None:
+    """The loss scale of an enabled ``scaler`` as a tensor on ``device``, else ``None``."""
     if scaler is None or not scaler.is_enabled():
         return None
     scale = scaler._scale  # the tensor itself: get_scale() would sync with the device
     if scale is None:
-        scaler.scale(torch.zeros((), device="cpu"))
+        scaler.scale(torch.zeros((), device="cpu"))  # creates the scale tensor
         scale = scaler._scale
-    return scale
+    assert scale is not None
+    return scale.to(device)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -682,7 +684,7 @@ def _per_task_rows(
             raise StrategyError(
                 f"{argument}[{position}] is on {tensor.device}, the losses on {device}"
             )
-    scale = _scale_factor(scaler)
+    scale = _scale_factor(scaler, device)
     if scale is None:
         rows = jacobian(batch.values, inputs)
     else:
@@ -691,7 +693,6 @@ def _per_task_rows(
             # A strategy with its own backward may call plain ``scaler.scale(total).backward()``:
             # the gradients it writes are checked when the transaction ends.
             step.watch(batch.values)
-        scale = scale.to(batch.values.device)
         rows = jacobian(batch.values, inputs, scale=scale)
         rows = rows.float() / scale if rows.dtype in _HALF else rows / scale
     if rows.dtype in _HALF:
@@ -989,10 +990,8 @@ class GradientAggregation(Strategy):
         before = self._failure_count()
         with self.transaction():
             detached = batch.values.detach()
-            scale = _scale_factor(scaler)
-            if scale is not None:
-                scale = scale.to(batch.values.device)
             if self.combines_gradients() and _plain_parameters(batch, inputs):
+                scale = _scale_factor(scaler, batch.values.device)
                 # Gramian without the Jacobian where linear layers make that cheaper, and never a
                 # second backward through the trunk (taskbalance.jacobian.gramian_backward).
                 if scale is not None:
@@ -1046,8 +1045,7 @@ class GradientAggregation(Strategy):
             direction = direction[start:stop] * distributed.world_size(batch.group)
         if _plain_parameters(batch, inputs):
             # The shared parameters get the direction; only the heads are backpropagated.
-            scale = _scale_factor(scaler)
-            scale = None if scale is None else scale.to(batch.values.device)
+            scale = _scale_factor(scaler, batch.values.device)
             backward_with_direction(batch.values.sum(), inputs, direction, scale=scale)
         else:
             _backward_replacing(batch.values.sum(), inputs, direction, scaler)
@@ -1155,9 +1153,9 @@ def _backward_replacing(
     total: Tensor, inputs: Sequence[Tensor], direction: Tensor, scaler: torch.amp.GradScaler | None
 ) -> None:
     """Backward of ``total`` with the gradient reaching ``inputs`` replaced by ``direction``."""
-    scale = _scale_factor(scaler)
+    scale = _scale_factor(scaler, direction.device)
     if scale is not None:
-        direction = direction * scale.to(direction.device)
+        direction = direction * scale
     pieces = direction.split([t.numel() for t in inputs])
     handles = [
         tensor.register_hook(

@@ -176,7 +176,8 @@ class NashMTL(GradientAggregation):
             total = (weights * batch.values).sum()
             if direction is not None and not overflowed() and _plain_parameters(batch, inputs):
                 # The shared parameters get the clipped d; only the heads are backpropagated.
-                backward_with_direction(total, inputs, direction, scale=_scale_factor(scaler))
+                scale = _scale_factor(scaler, total.device)
+                backward_with_direction(total, inputs, direction, scale=scale)
             else:
                 scaled_backward(total, scaler)
             with torch.no_grad():
