@@ -1,9 +1,11 @@
 """Experiment scripts for taskbalance: ``python -m experiments.<name>``.
 
-* ``experiments.compare``: every registered strategy on Multi-Digits over several seeds.
+* ``experiments.train``: one training run of one strategy on any benchmark.
+* ``experiments.compare``: every registered strategy on any benchmark over several seeds.
 * ``experiments.reproduce``: paper reproductions with a verdict each.
 
-``experiments.runner`` holds the pieces they share (typed config with command-line overrides,
-W&B tracking, seeds, checkpoints, results tables); ``experiments.data`` and
-``experiments.models`` the Multi-Digits benchmark and its LeNet-style model.
+``experiments.benchmarks`` holds the benchmarks (Multi-Digits, MultiMNIST, NYUv2, Cityscapes,
+CelebA, or your own) behind one protocol; ``experiments.training`` the training loop every script
+shares (devices, mixed precision, DDP, checkpoints); ``experiments.runner`` the rest (typed
+config with command-line overrides, W&B tracking, seeds, results tables).
 """

@@ -1,19 +1,24 @@
-"""Compare multi-task strategies on Multi-Digits: accuracy per task, Δm%, step time.
+"""Compare multi-task strategies on a benchmark: its metrics, Δm%, step time.
 
-    python -m experiments.compare                 # every registered strategy, 3 seeds
+    python -m experiments.compare                 # Multi-Digits, every strategy, 3 seeds
     python -m experiments.compare --quick         # a smoke run: few steps, 1 seed (< 1 minute)
     python -m experiments.compare --strategies equal "grad*" mgda --seeds 0 1
+    python -m experiments.compare --benchmark nyuv2 --data-dir data/nyuv2 --device cuda --amp
+    python -m experiments.compare --benchmark mylab.tasks:make_benchmark   # your own
+    torchrun --nproc_per_node=2 -m experiments.compare --benchmark cityscapes --data-dir ...
 
-For each strategy and seed it trains :class:`~experiments.models.MultiDigitsNet` (LeNet-style
-trunk, two heads) on Multi-Digits (:mod:`experiments.data`) with Adam, then reports the test
-accuracy of each task, mean ± std over the seeds, and
+For each strategy and seed it trains the benchmark's model with the benchmark's recipe
+(:mod:`experiments.training`: optimizer, learning rate and schedule, epochs, batch size; each
+can be overridden), then reports the test metrics (mean ± std over the seeds) and
 
 * Δm% (Maninis, Radosavovic & Kokkinos, "Attentive Single-Tasking of Multiple Tasks", CVPR
-  2019): ``Δm = 1/T Σ_t (−1)^{l_t} (M_t − M_single,t) / M_single,t · 100``, with ``l_t = 1`` if
-  lower is better (here accuracy: higher is better, so ``l_t = 0``). The single-task baselines
-  (one network per task, same trunk, head, optimizer, steps and seeds) are trained by this
-  script. Δm is computed per seed against the single-task accuracy averaged over the seeds,
-  then reported as mean ± std; positive means better than single-task;
+  2019): ``Δm = 1/K Σ_k (−1)^{l_k} (M_k − S_k) / S_k · 100`` over the benchmark's ``K``
+  metrics, ``l_k = 1`` where lower is better; positive is better than single-task (the CAGrad,
+  Nash-MTL and FAMO tables print the negation, lower is better). ``S`` is the benchmark's
+  published single-task reference (NYUv2, Cityscapes) or, when it has none or with
+  ``--baselines train``, single-task networks (one per task, same recipe and seeds) trained by
+  this script; Δm is computed per seed against ``S`` (the trained baselines averaged over the
+  seeds) and reported as mean ± std;
 * the time of a training step (forward, strategy backward, optimizer step), measured side by
   side after the training runs (:func:`time_steps`: one step of every method in turn, on the
   same batch, so a change of machine load hits every method alike; lower quartile of the step
@@ -33,12 +38,14 @@ W&B (offline by default, under ``<out>/wandb``): one run per (strategy, seed) in
 ``train/loss/<task>``, ``weights/<task>``, every other entry of the strategy's step report as
 ``strategy/<key>`` (extras as ``strategy/<name>/<task>``; step scalars such as
 ``strategy/failures``, the running count of steps whose solver fell back to the previous
-weights), ``grad/...`` diagnostics and, at epoch ends, ``val/acc/<task>`` and
-``val/loss/<task>``; a summary per run (with the final ``failures`` count: 0 when the strategy
-reports none; the table sums it over seeds); and one ``comparison`` run with the figures and the
-table's numbers.
-``<out>`` gets ``results.csv``, ``results.md``, ``accuracy.png``, ``weights.png`` and
-``tradeoff.png`` (Δm against step time).
+weights), ``grad/...`` diagnostics and, at epoch ends, ``val/<task>/<metric>`` and
+``val/loss/<task>``; a summary per run (``final/<task>/<metric>``, the final ``failures``
+count: 0 when the strategy reports none; the table sums it over seeds); and one ``comparison``
+run with the figures and the table's numbers. ``<out>`` gets ``results.csv``, ``results.md``,
+``metrics.png``, ``weights.png`` and ``tradeoff.png`` (Δm against step time).
+
+Under ``torchrun`` every training run is data-parallel over the ranks; rank 0 logs, writes the
+tables and figures; the side-by-side timing needs one process and is skipped.
 
 A strategy that raises is reported in the table as failed, with its error; the others go on.
 """
@@ -51,55 +58,48 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 import taskbalance as tb
-from experiments.data import MultiDigits, make_multi_digits
-from experiments.models import MultiDigitsNet
+from experiments.benchmarks import Benchmark
 from experiments.runner import (
-    RunConfig,
-    Tracker,
     batch_indices,
-    load_checkpoint,
     markdown_table,
     parse_config,
     progress,
-    report_row,
-    save_checkpoint,
     seed_everything,
     select_strategies,
     start_tracking,
     write_table,
 )
-from taskbalance.diagnostics import gradient_diagnostics
-from taskbalance.jacobian import jacobian
+from experiments.training import (
+    SINGLE,
+    BenchmarkConfig,
+    Distributed,
+    RunResult,
+    Setup,
+    collate,
+    gradient_source,
+    load_benchmark,
+    run_length,
+    setup_distributed,
+    to_device,
+    train_run,
+)
+from taskbalance.integrations.wandb import Tracker
 from taskbalance.registry import strategy_info
 
 QUICK_STEPS = 50
-SINGLE = "single-task"
-# Strategies that average each task's gradient over steps (MoCo's tracked gradients, DB-MTL's
-# EMA): the entries of a gradient w.r.t. the features belong to other examples in every batch,
-# so an average over steps means nothing there. They always use the trunk's parameters.
-PARAMETER_GRADIENTS = frozenset({"moco", "db_mtl"})
-
-
-def gradient_source(method: str, grad_source: str) -> str | None:
-    """What ``method`` differentiates: None (loss-level), "features" or "shared_params"."""
-    if method.startswith(f"{SINGLE}:") or not strategy_info(method).needs_grads:
-        return None
-    return "shared_params" if method in PARAMETER_GRADIENTS else grad_source
 
 
 @dataclass
-class CompareConfig(RunConfig):
-    """Compare multi-task strategies on Multi-Digits (accuracy, Δm% vs single-task, step time)."""
+class CompareConfig(BenchmarkConfig):
+    """Compare multi-task strategies on a benchmark (metrics, Δm% vs single-task, step time)."""
 
     out: str = field(default="results/compare", metadata={"help": "directory for the results"})
     strategies: list[str] = field(
@@ -107,237 +107,32 @@ class CompareConfig(RunConfig):
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "train seeds"})
     quick: bool = field(
-        default=False, metadata={"help": f"smoke run: {QUICK_STEPS} steps, first seed only"}
+        default=False,
+        metadata={"help": f"smoke run: {QUICK_STEPS} steps, first seed, 2 test batches"},
     )
-    epochs: int = field(default=6, metadata={"help": "training epochs per run"})
-    steps: int | None = field(default=None, metadata={"help": "training steps (overrides epochs)"})
-    batch_size: int = 64
-    lr: float = field(default=2e-3, metadata={"help": "Adam learning rate of the model"})
-    grad_source: Literal["features", "shared_params"] = field(
-        default="features", metadata={"help": "what gradient-level strategies differentiate"}
+    baselines: Literal["auto", "train", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "single-task baselines: auto (train them when the benchmark has no "
+            "published reference), train, or off"
+        },
     )
-    diagnostics_every: int = field(
-        default=25, metadata={"help": "steps between grad/cos diagnostics (0: never)"}
-    )
-    baselines: bool = field(default=True, metadata={"help": "train the single-task baselines"})
     timing_steps: int = field(
         default=100, metadata={"help": "steps per method of the side-by-side timing (0: none)"}
     )
-    pairs_per_image: int = field(default=4, metadata={"help": "Multi-Digits pairs per train image"})
-    test_pairs_per_image: int = field(
-        default=4, metadata={"help": "Multi-Digits pairs per test image"}
-    )
-    data_seed: int = field(default=0, metadata={"help": "seed of the Multi-Digits split/pairs"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1: stable timings)"})
-    device: str = "cpu"
-    checkpoint_dir: str | None = field(
-        default=None, metadata={"help": "save a checkpoint per run each epoch here"}
-    )
-    resume: bool = field(default=False, metadata={"help": "continue runs from checkpoint_dir"})
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "pairs_per_image", "test_pairs_per_image", "threads")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.timing_steps < 0:
             raise ValueError(f"timing_steps must be >= 0, got {self.timing_steps}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume needs checkpoint_dir")
 
 
-@dataclass
-class RunResult:
-    """One training run: final test metrics, per-step timings and logged histories."""
-
-    method: str
-    seed: int
-    accuracy: dict[str, float] = field(default_factory=dict)
-    step_seconds: list[float] = field(default_factory=list)
-    weights: list[list[float]] = field(default_factory=list)
-    cosine: list[tuple[int, float]] = field(default_factory=list)
-    error: str | None = None
-    steps_done: int = 0
-    failures: int = 0  # the strategy's count of failed steps (solver fallbacks), if it reports one
-
-
-# --------------------------------------------------------------------------- training
-def evaluate(model: MultiDigitsNet, images: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
-    """``val/acc/<task>`` and ``val/loss/<task>`` on the held-out split (one host transfer)."""
-    model.eval()
-    with torch.no_grad():
-        _, logits = model(images)
-        values = []
-        for task in model.tasks:
-            values.append((logits[task].argmax(1) == labels[task]).float().mean())
-            values.append(F.cross_entropy(logits[task], labels[task]))
-        flat = torch.stack(values).tolist()
-    model.train()
-    out = {}
-    for k, task in enumerate(model.tasks):
-        out[f"val/acc/{task}"] = flat[2 * k]
-        out[f"val/loss/{task}"] = flat[2 * k + 1]
-    return out
-
-
-def total_steps(config: CompareConfig, data: MultiDigits) -> tuple[int, int]:
-    """(steps of the run, steps per epoch)."""
-    per_epoch = len(data.train_images) // config.batch_size
-    if config.steps is not None:
-        return config.steps, per_epoch
-    return config.epochs * per_epoch, per_epoch
-
-
-@dataclass
-class Setup:
-    """A model, its optimizer and (unless single-task) a strategy, ready to train."""
-
-    method: str
-    tasks: tuple[str, ...]
-    model: MultiDigitsNet
-    optimizer: torch.optim.Optimizer
-    strategy: tb.Strategy | None
-    source: str | None  # None, "features" or "shared_params"
-
-    @classmethod
-    def build(cls, config: CompareConfig, method: str, tasks: Sequence[str]) -> Setup:
-        """``method`` is a strategy name or ``"single-task:<task>"`` (one network, one head)."""
-        single = method.startswith(f"{SINGLE}:")
-        tasks = (method.split(":", 1)[1],) if single else tuple(tasks)
-        model = MultiDigitsNet(tasks).to(config.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, foreach=True)
-        strategy = None if single else tb.create_strategy(method, tasks).to(config.device)
-        source = gradient_source(method, config.grad_source)
-        return cls(method, tasks, model, optimizer, strategy, source)
-
-    def forward(
-        self, inputs: Tensor, targets: dict[str, Tensor]
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        features, logits = self.model(inputs)
-        return features, {t: F.cross_entropy(logits[t], targets[t]) for t in self.tasks}
-
-    def update(self, features: Tensor, losses: dict[str, Tensor]) -> tb.StepReport | None:
-        """Backward with the strategy (plain backward for single-task) and the optimizer step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.strategy is None:
-            losses[self.tasks[0]].backward()
-            report = None
-        elif self.source is None:
-            report = self.strategy.backward(losses)
-        elif self.source == "features":
-            report = self.strategy.backward(losses, features=features)
-        else:
-            report = self.strategy.backward(losses, shared_params=self.model.shared_parameters())
-        self.optimizer.step()
-        return report
-
-
-def train_run(
-    config: CompareConfig,
-    data: MultiDigits,
-    method: str,
-    seed: int,
-    tracker: Tracker,
-    *,
-    checkpoint: Path | None = None,
-    stop_after: int | None = None,
-) -> tuple[RunResult, MultiDigitsNet]:
-    """Train one model with strategy ``method`` (or ``"single-task:<task>"``) and seed ``seed``.
-
-    With ``checkpoint``, state is saved there at every epoch end (and at ``stop_after``); with
-    ``config.resume`` and an existing file, the run continues from it exactly. ``stop_after``
-    ends the run early after that many steps (for tests of resuming).
-    """
-    seed_everything(seed)
-    setup = Setup.build(config, method, data.tasks)
-    model, optimizer, strategy, tasks = setup.model, setup.optimizer, setup.strategy, setup.tasks
-    end_epoch = getattr(strategy, "end_epoch", None)
-    result = RunResult(method, seed)
-
-    steps, per_epoch = total_steps(config, data)
-    start = 0
-    if checkpoint is not None and config.resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, strategy=strategy)
-        start = state.step
-        result.step_seconds = list(state.extra.get("step_seconds", []))
-        result.weights = [list(w) for w in state.extra.get("weights", [])]
-        result.cosine = [(int(s), float(c)) for s, c in state.extra.get("cosine", [])]
-        result.failures = int(state.extra.get("failures", 0))
-    last = steps if stop_after is None else min(steps, stop_after)
-    images, labels = data.train_images, data.train_labels
-    pair = f"{tasks[0]}-{tasks[1]}" if len(tasks) == 2 else None
-    shared = model.shared_parameters()
-
-    def save(step: int) -> None:
-        if checkpoint is None:
-            return
-        extra = {"step_seconds": result.step_seconds, "weights": result.weights}
-        extra["cosine"] = [list(c) for c in result.cosine]
-        extra["failures"] = result.failures
-        save_checkpoint(
-            checkpoint,
-            config=config,
-            step=step,
-            model=model,
-            optimizer=optimizer,
-            strategy=strategy,
-            extra=extra,
-        )
-
-    bar = progress(range(start, last), desc=f"{method} s{seed}", total=last - start)
-    for step in bar:
-        index = batch_indices(len(images), config.batch_size, seed=seed, step=step)
-        index = index.to(images.device)
-        inputs, targets = images[index], {t: labels[t][index] for t in tasks}
-
-        began = time.perf_counter()
-        features, losses = setup.forward(inputs, targets)
-        forward_seconds = time.perf_counter() - began
-
-        record: dict[str, float] = {}
-        if config.diagnostics_every and step % config.diagnostics_every == 0 and len(tasks) > 1:
-            # On the trunk's parameters, outside the timed part; the graph is kept for the step.
-            rows = jacobian(torch.stack([losses[t] for t in tasks]), shared, retain_graph=True)
-            record.update(gradient_diagnostics(rows, tasks))
-            if pair is not None:
-                result.cosine.append((step, record[f"grad/cos/{pair}"]))
-
-        began = time.perf_counter()
-        report = setup.update(features, losses)
-        result.step_seconds.append(forward_seconds + time.perf_counter() - began)
-
-        if report is None:
-            record[f"train/loss/{tasks[0]}"] = losses[tasks[0]].item()
-        else:
-            values = report.to_dict()  # one host transfer
-            record.update(report_row(values))
-            result.weights.append([values[f"weight/{t}"] for t in tasks])
-            result.failures = int(values.get("failures", result.failures))
-        if (step + 1) % per_epoch == 0 or step + 1 == steps:
-            if end_epoch is not None and (step + 1) % per_epoch == 0:
-                end_epoch()
-            record.update(evaluate(model, data.test_images, data.test_labels))
-            record["epoch"] = (step + 1) / per_epoch
-            if (step + 1) % per_epoch == 0:
-                save(step + 1)
-        tracker.log(record, step=step)
-    result.steps_done = last
-    if stop_after is not None and last < steps:
-        save(last)
-    final = evaluate(model, data.test_images, data.test_labels)
-    result.accuracy = {t: final[f"val/acc/{t}"] for t in tasks}
-    return result, model
-
-
-def time_steps(
-    config: CompareConfig, data: MultiDigits, methods: Sequence[str]
-) -> dict[str, float]:
+def time_steps(config: CompareConfig, bench: Benchmark, methods: Sequence[str]) -> dict[str, float]:
     """ms per training step (forward, strategy backward, optimizer step) of each method, measured
     side by side: ``timing_steps`` rounds, each taking one step of every method, in a shuffled
     order, on the same batch, so that a change of machine load hits every method alike.
@@ -347,28 +142,33 @@ def time_steps(
     a minimum), and a quartile still reflects steps whose cost varies (iterative solvers). A
     method that fails gets NaN (its runs report the error).
     """
-    images, labels = data.train_images, data.train_labels
+    place = Distributed(device=torch.device(config.device))
+    train = bench.dataset("train")
+    _, _, size = run_length(config, bench, len(train))
     setups: dict[str, Setup] = {}
     for method in methods:
         try:
             seed_everything(0)
-            setups[method] = Setup.build(config, method, data.tasks)
+            setups[method] = Setup.build(config, bench, method, place)
         except Exception:
             continue
     seconds: dict[str, list[float]] = {m: [] for m in setups}
     shuffle = torch.Generator().manual_seed(0)
     for step in range(config.timing_steps):
-        index = batch_indices(len(images), config.batch_size, seed=0, step=step)
-        index = index.to(images.device)
+        index = batch_indices(len(train), size, seed=0, step=step).tolist()
+        getitems = getattr(train, "__getitems__", None)
+        items = getitems(index) if getitems else [train[i] for i in index]
+        inputs, targets = to_device(collate(items), place.device)
         names = list(setups)
         for position in torch.randperm(len(names), generator=shuffle).tolist():
             method = names[position]
             setup = setups[method]
-            inputs, targets = images[index], {t: labels[t][index] for t in setup.tasks}
             try:
                 began = time.perf_counter()
                 features, losses = setup.forward(inputs, targets)
                 setup.update(features, losses)
+                if place.device.type == "cuda":
+                    torch.cuda.synchronize(place.device)
                 seconds[method].append(time.perf_counter() - began)
             except Exception:
                 del setups[method]
@@ -390,21 +190,31 @@ def median_ms(seconds: Sequence[float]) -> float:
 
 
 def run_one(
-    config: CompareConfig, data: MultiDigits, method: str, seed: int, group: str
+    config: CompareConfig,
+    bench: Benchmark,
+    method: str,
+    seed: int,
+    group: str,
+    place: Distributed,
 ) -> RunResult:
     """One tracked run; an exception becomes a failed result (the comparison goes on)."""
-    tracker = start_tracking(
-        config,
-        group=group,
-        name=f"{method}-s{seed}",
-        job_type="baseline" if ":" in method else "mtl",
+    name = f"{method}-s{seed}"
+    job_type = "baseline" if ":" in method else "mtl"
+    tracker = (
+        start_tracking(config, group=group, name=name, job_type=job_type)
+        if place.main
+        else Tracker()
     )
     checkpoint = None
     if config.checkpoint_dir is not None:
         checkpoint = Path(config.checkpoint_dir) / f"{method.replace(':', '-')}-s{seed}.pt"
     try:
-        result, _ = train_run(config, data, method, seed, tracker, checkpoint=checkpoint)
+        result, _ = train_run(
+            config, bench, method, seed, tracker, place=place, checkpoint=checkpoint
+        )
     except Exception as error:
+        if place.world > 1:
+            raise  # the other ranks would wait for this one forever
         message = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         print(f"[compare] {method} seed {seed} failed: {message}", file=sys.stderr)
         traceback.print_exc(limit=3, file=sys.stderr)
@@ -412,7 +222,7 @@ def run_one(
         tracker.summary({"status": "failed", "error": message})
         tracker.finish()
         return result
-    summary: dict[str, Any] = {f"final/acc/{t}": a for t, a in result.accuracy.items()}
+    summary: dict[str, Any] = {f"final/{k}": v for k, v in result.metrics.items()}
     summary.update(
         status="ok", step_ms=median_ms(result.step_seconds), seed=seed, failures=result.failures
     )
@@ -429,93 +239,120 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
+def _pm(mean: float, std: float, seeds: int, digits: int = 2) -> str:
     if math.isnan(mean):
         return "–"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return f"{mean:.{digits}f}" if seeds < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def delta_m(accuracy: dict[str, float], single: dict[str, float]) -> float:
-    """Δm% of Maninis et al. (2019) for higher-is-better metrics.
-
-    >>> round(delta_m({"a": 0.9, "b": 0.8}, {"a": 1.0, "b": 0.8}), 6)
-    -5.0
-    """
-    terms = [(accuracy[t] - single[t]) / single[t] * 100 for t in single]
-    return statistics.fmean(terms)
+def single_task_values(
+    bench: Benchmark, results: Mapping[str, Sequence[RunResult]]
+) -> dict[str, float]:
+    """Each metric of the trained single-task networks, averaged over their seeds (empty when a
+    task's baseline is missing or failed)."""
+    values: dict[str, float] = {}
+    for task in bench.tasks:
+        runs = [r for r in results.get(f"{SINGLE}:{task}", []) if r.error is None]
+        if not runs:
+            return {}
+        for metric in bench.task_metrics(task):
+            values[metric] = statistics.fmean(r.metrics[metric] for r in runs)
+    return values
 
 
 def summarise(
+    bench: Benchmark,
     results: dict[str, list[RunResult]],
-    tasks: Sequence[str],
     grad_source: str,
     timing: dict[str, float] | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(numeric rows for the CSV, formatted rows for Markdown and the console).
+    *,
+    trained_baselines: bool = True,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(numeric rows for the CSV, formatted rows for Markdown and the console, what Δm% is
+    measured against).
 
+    Δm% is measured against the trained single-task networks when ``trained_baselines`` and
+    they all ran, else against the benchmark's published reference (if any).
     ``step_ms`` is the side-by-side timing of :func:`time_steps` when given (NaN without it);
     ``train_step_ms`` the median step time during the training runs (exposed to load changes).
     """
     timing = timing or {}
-    single_runs = {t: results.get(f"{SINGLE}:{t}", []) for t in tasks}
-    single_mean: dict[str, float] = {}
-    for task, runs in single_runs.items():
-        accs = [r.accuracy[task] for r in runs if r.error is None]
-        if accs:
-            single_mean[task] = statistics.fmean(accs)
-    have_single = len(single_mean) == len(tasks)
+    metrics = list(bench.metrics)
+    single = single_task_values(bench, results) if trained_baselines else {}
+    against = "the single-task networks trained here"
+    if not single and bench.reference:
+        single = dict(bench.reference.values)
+        against = f"the published single-task reference ({bench.reference.source})"
+    elif not single:
+        against = "nothing (no single-task baseline)"
     equal_ms = timing.get("equal", math.nan)
 
     numeric: list[dict[str, Any]] = []
-    if have_single:
-        row: dict[str, Any] = {"method": SINGLE, "kind": "baseline", "grads": "–"}
-        for task in tasks:
-            accs = [r.accuracy[task] for r in single_runs[task] if r.error is None]
-            row[f"{task}_acc_mean"], row[f"{task}_acc_std"] = _mean_std(accs)
-        row["delta_m_mean"], row["delta_m_std"] = 0.0, 0.0
-        # The cost of getting both tasks: one step of each network.
-        row["step_ms"] = sum(timing.get(f"{SINGLE}:{t}", math.nan) for t in tasks)
-        row["train_step_ms"] = sum(
-            median_ms([s for r in single_runs[t] for s in r.step_seconds]) for t in tasks
-        )
-        row.update(seeds=len(single_runs[tasks[0]]), failures=0, status="ok", error="")
-        numeric.append(row)
     for method, runs in results.items():
-        if method.startswith(f"{SINGLE}:"):
-            continue
-        info = strategy_info(method)
+        baseline = method.startswith(f"{SINGLE}:")
+        if baseline and method != f"{SINGLE}:{bench.tasks[0]}":
+            continue  # one row for all single-task networks, below
         ok = [r for r in runs if r.error is None]
-        row = {
-            "method": method,
-            "kind": "gradient"
-            if isinstance(info.cls, type) and issubclass(info.cls, tb.GradientAggregation)
-            else "loss",
-            "grads": gradient_source(method, grad_source) or "–",
-        }
-        for task in tasks:
-            row[f"{task}_acc_mean"], row[f"{task}_acc_std"] = _mean_std(
-                [r.accuracy[task] for r in ok]
+        if baseline:
+            # The cost of getting every task: one step of each network.
+            task_runs = {t: results.get(f"{SINGLE}:{t}", []) for t in bench.tasks}
+            row: dict[str, Any] = {"method": SINGLE, "kind": "baseline", "grads": "–"}
+            for metric in metrics:
+                task_ok = [r for r in task_runs[metric.split("/", 1)[0]] if r.error is None]
+                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(
+                    [r.metrics[metric] for r in task_ok]
+                )
+            per_seed = [
+                {k: v for t in bench.tasks for k, v in task_runs[t][i].metrics.items()}
+                for i in range(min(len(r) for r in task_runs.values()))
+                if all(task_runs[t][i].error is None for t in bench.tasks)
+            ]
+            row["step_ms"] = sum(timing.get(f"{SINGLE}:{t}", math.nan) for t in bench.tasks)
+            row["train_step_ms"] = sum(
+                median_ms([s for r in task_runs[t] for s in r.step_seconds]) for t in bench.tasks
             )
-        deltas = [delta_m(r.accuracy, single_mean) for r in ok] if have_single else []
+            failed = [r for t in bench.tasks for r in task_runs[t] if r.error is not None]
+            seeds = len(per_seed)
+        else:
+            info = strategy_info(method)
+            gradient = isinstance(info.cls, type) and issubclass(info.cls, tb.GradientAggregation)
+            row = {
+                "method": method,
+                "kind": "gradient" if gradient else "loss",
+                "grads": gradient_source(method, grad_source) or "–",
+            }
+            for metric in metrics:
+                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(
+                    [r.metrics[metric] for r in ok]
+                )
+            per_seed = [r.metrics for r in ok]
+            row["step_ms"] = timing.get(method, math.nan)
+            row["train_step_ms"] = (
+                median_ms([s for r in ok for s in r.step_seconds]) if ok else math.nan
+            )
+            failed = [r for r in runs if r.error is not None]
+            seeds = len(ok)
+        deltas = [bench.delta_m(values, single) for values in per_seed] if single else []
         row["delta_m_mean"], row["delta_m_std"] = _mean_std(deltas)
-        row["step_ms"] = timing.get(method, math.nan)
-        row["train_step_ms"] = (
-            median_ms([s for r in ok for s in r.step_seconds]) if ok else math.nan
-        )
-        failed = [r for r in runs if r.error is not None]
-        row["seeds"] = len(ok)
+        row["seeds"] = seeds
         row["failures"] = sum(r.failures for r in ok)
-        row["status"] = "ok" if not failed else f"failed {len(failed)}/{len(runs)}"
+        total = len(runs) if not baseline else sum(len(r) for r in task_runs.values())
+        row["status"] = "ok" if not failed else f"failed {len(failed)}/{total}"
         row["error"] = failed[0].error if failed else ""
         numeric.append(row)
+    numeric.sort(key=lambda r: r["method"] != SINGLE)  # the baseline first, the rest in order
 
     formatted = []
     for row in numeric:
         shown = {"method": row["method"], "kind": row["kind"], "grads via": row["grads"]}
-        for task in tasks:
-            shown[f"{task} acc %"] = _pm(row[f"{task}_acc_mean"], row[f"{task}_acc_std"], 100)
+        for metric in metrics:
+            unit = bench.metrics[metric].unit
+            scale, suffix = (100.0, " %") if unit == "fraction" else (1.0, "")
+            mean, std = row[f"{metric}_mean"] * scale, row[f"{metric}_std"] * scale
+            arrow = "↑" if bench.metrics[metric].higher_is_better else "↓"
+            shown[f"{metric}{suffix} ({arrow})"] = _pm(mean, std, row["seeds"])
         shown["Δm % (↑)"] = (
-            _pm(row["delta_m_mean"], row["delta_m_std"]) if have_single else "no baseline"
+            _pm(row["delta_m_mean"], row["delta_m_std"], row["seeds"]) if single else "–"
         )
         ms = row["step_ms"]
         shown["ms/step"] = "–" if math.isnan(ms) else f"{ms:.2f}"
@@ -528,49 +365,59 @@ def summarise(
         shown["failed steps"] = str(row["failures"])
         shown["status"] = row["status"] if not row["error"] else f"{row['status']}: {row['error']}"
         formatted.append(shown)
-    return numeric, formatted
+    return numeric, formatted, against
 
 
 # --------------------------------------------------------------------------- figures
-def accuracy_figure(numeric: Sequence[dict[str, Any]], tasks: Sequence[str]) -> Any:
-    """Horizontal bars: test accuracy per task (mean ± std over seeds), single-task dashed."""
+MAX_METRIC_PANELS = 9
+
+
+def metrics_figure(numeric: Sequence[dict[str, Any]], bench: Benchmark) -> Any:
+    """One panel per metric (the first nine): horizontal bars, mean ± std over seeds, methods
+    sorted by Δm, single-task dashed."""
     import matplotlib.pyplot as plt
 
-    rows = [
-        r for r in numeric if r["method"] != SINGLE and not math.isnan(r[f"{tasks[0]}_acc_mean"])
-    ]
+    metrics = list(bench.metrics)[:MAX_METRIC_PANELS]
+    rows = [r for r in numeric if r["method"] != SINGLE]
     rows.sort(key=lambda r: r["delta_m_mean"] if not math.isnan(r["delta_m_mean"]) else -1e9)
-    height = 0.8 / len(tasks)
-    figure, axis = plt.subplots(figsize=(6.5, 1.2 + 0.32 * max(len(rows), 1)), dpi=90)
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
-    for k, task in enumerate(tasks):
-        positions = [i + (k - (len(tasks) - 1) / 2) * height for i in range(len(rows))]
+    columns = min(3, len(metrics))
+    lines = math.ceil(len(metrics) / columns)
+    figure, axes = plt.subplots(
+        lines,
+        columns,
+        figsize=(3.4 * columns, 0.6 + (0.8 + 0.2 * max(len(rows), 1)) * lines),
+        dpi=90,
+        squeeze=False,
+        sharey=True,
+    )
+    single = [r for r in numeric if r["method"] == SINGLE]
+    for axis, metric in zip(axes.flat, metrics):
+        scale = 100.0 if bench.metrics[metric].unit == "fraction" else 1.0
+        means = [scale * r[f"{metric}_mean"] for r in rows]
         axis.barh(
-            positions,
-            [100 * r[f"{task}_acc_mean"] for r in rows],
-            height=height,
-            xerr=[100 * r[f"{task}_acc_std"] for r in rows],
-            color=colors[k % len(colors)],
-            label=task,
+            range(len(rows)),
+            means,
+            xerr=[scale * r[f"{metric}_std"] for r in rows],
+            color="tab:blue",
             error_kw={"elinewidth": 0.8},
         )
-        single = [r for r in numeric if r["method"] == SINGLE]
         if single:
-            axis.axvline(
-                100 * single[0][f"{task}_acc_mean"],
-                color=colors[k % len(colors)],
-                linestyle="--",
-                linewidth=1,
-                label=f"single-task {task}",
-            )
-    axis.set_yticks(range(len(rows)), [r["method"] for r in rows])
-    values = [100 * r[f"{t}_acc_mean"] for r in numeric for t in tasks]
-    values = [v for v in values if not math.isnan(v)]
-    if values:
-        axis.set_xlim(max(0.0, min(values) - 5), min(100.0, max(values) + 3))
-    axis.set_xlabel("test accuracy % (mean ± std over seeds); sorted by Δm")
-    axis.set_title("Multi-Digits: accuracy per task")
-    axis.legend(fontsize=7, loc="lower right")
+            axis.axvline(scale * single[0][f"{metric}_mean"], color="k", linestyle="--", lw=1)
+        finite = [m for m in means if not math.isnan(m)]
+        if finite:
+            low, high = min(finite), max(finite)
+            pad = max(high - low, abs(high) * 0.01, 1e-9)
+            axis.set_xlim(low - pad, high + pad)
+        arrow = "↑" if bench.metrics[metric].higher_is_better else "↓"
+        axis.set_title(f"{metric} {'%' if scale == 100 else ''} ({arrow})", fontsize=8)
+        axis.tick_params(labelsize=6)
+    for axis in list(axes.flat)[len(metrics) :]:
+        axis.axis("off")
+    axes[0][0].set_yticks(range(len(rows)), [r["method"] for r in rows])
+    figure.suptitle(
+        f"{bench.name}: test metrics (mean ± std over seeds; dashed: single-task; sorted by Δm)",
+        fontsize=9,
+    )
     figure.tight_layout()
     return figure
 
@@ -598,7 +445,7 @@ def weights_figure(results: dict[str, list[RunResult]], tasks: Sequence[str]) ->
         axis.tick_params(labelsize=6)
     for axis in list(axes.flat)[len(runs) :]:
         axis.axis("off")
-    if runs:
+    if runs and len(tasks) <= 10:
         axes.flat[0].legend(fontsize=6)
     figure.suptitle(
         f"task weights over training steps (seed {runs[0].seed if runs else 0})", fontsize=9
@@ -607,7 +454,7 @@ def weights_figure(results: dict[str, list[RunResult]], tasks: Sequence[str]) ->
     return figure
 
 
-def tradeoff_figure(numeric: Sequence[dict[str, Any]]) -> Any:
+def tradeoff_figure(numeric: Sequence[dict[str, Any]], bench: Benchmark) -> Any:
     """Δm% (mean ± std over seeds) against the side-by-side step time, one point per method."""
     import matplotlib.pyplot as plt
 
@@ -635,7 +482,7 @@ def tradeoff_figure(numeric: Sequence[dict[str, Any]]) -> Any:
     axis.axhline(0, color="gray", linewidth=0.8, linestyle="--")
     axis.set_xlabel("ms per training step (measured side by side)")
     axis.set_ylabel("Δm % vs single-task (higher is better)")
-    axis.set_title("Multi-Digits: benefit vs cost (circles: loss-level, squares: gradient-level)")
+    axis.set_title(f"{bench.name}: benefit vs cost (circles: loss-level, squares: gradient-level)")
     axis.title.set_fontsize(9)
     figure.tight_layout()
     return figure
@@ -643,58 +490,64 @@ def tradeoff_figure(numeric: Sequence[dict[str, Any]]) -> Any:
 
 # --------------------------------------------------------------------------- main
 def resolve(config: CompareConfig) -> CompareConfig:
-    """Apply --quick: the first seed, QUICK_STEPS steps (unless --steps is given) and a short
-    timing phase (at most 12 steps per method)."""
+    """Apply --quick: the first seed, QUICK_STEPS steps (unless --steps is given), at most two
+    test batches per evaluation and a short timing phase (at most 12 steps per method)."""
     if not config.quick:
         return config
     return dataclasses.replace(
         config,
         seeds=config.seeds[:1],
         steps=config.steps or QUICK_STEPS,
+        eval_batches=config.eval_batches or 2,
         timing_steps=min(config.timing_steps, 12),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Run the comparison; return the numeric table rows (also written to ``--out``)."""
+    """Run the comparison; return the numeric table rows (also written to ``--out``; rank 0)."""
     config = resolve(parse_config(CompareConfig, argv))
     torch.set_num_threads(config.threads)
+    place = setup_distributed(config.device)
     methods = select_strategies(config.strategies)
+    bench = load_benchmark(config)
     group = config.wandb_group or time.strftime("compare-%Y%m%d-%H%M%S")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    data = make_multi_digits(
-        config.data_seed,
-        pairs_per_image=config.pairs_per_image,
-        test_pairs_per_image=config.test_pairs_per_image,
+    train_baselines = config.baselines == "train" or (
+        config.baselines == "auto" and not bench.reference
     )
-    data = data.to(config.device)
-    tasks = data.tasks
-    steps, _ = total_steps(config, data)
-    print(
-        f"[compare] Multi-Digits: {len(data.train_images)} train / {len(data.test_images)} test "
-        f"pairs; {len(methods)} strategies × seeds {config.seeds}, {steps} steps each; "
-        f"gradient-level strategies use {config.grad_source}= (moco, db_mtl: shared_params=); "
-        f"W&B {config.wandb_mode} "
-        f"(group {group})",
-        flush=True,
-    )
-    plan = [f"{SINGLE}:{t}" for t in tasks] if config.baselines else []
+    steps, _, batch = run_length(config, bench, len(bench.dataset("train")))
+    if place.main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(
+            f"[compare] {bench.describe()}; {len(methods)} strategies × seeds {config.seeds}, "
+            f"{steps} steps of batch {batch} each on {place.world} × {place.device}; "
+            f"gradient-level strategies use {config.grad_source}= (moco, db_mtl: shared_params=); "
+            f"W&B {config.wandb_mode} (group {group})",
+            flush=True,
+        )
+    plan = [f"{SINGLE}:{t}" for t in bench.tasks] if train_baselines else []
     plan += methods
     results: dict[str, list[RunResult]] = {}
     started = time.perf_counter()
-    for method in progress(plan, desc="strategies"):
+    for method in progress(plan, desc="strategies", disable=not place.main):
         for seed in config.seeds:
-            result = run_one(config, data, method, seed, group)
+            result = run_one(config, bench, method, seed, group, place)
             results.setdefault(method, []).append(result)
-    timing = time_steps(config, data, plan) if config.timing_steps else {}
+    if not place.main:
+        return []
+    timing = {}
+    if config.timing_steps and place.world == 1:
+        timing = time_steps(config, bench, plan)
     elapsed = time.perf_counter() - started
 
-    numeric, formatted = summarise(results, tasks, config.grad_source, timing)
+    numeric, formatted, against = summarise(
+        bench, results, config.grad_source, timing, trained_baselines=train_baselines
+    )
     write_table(numeric, out, "results")
-    (out / "results.md").write_text(markdown_table(formatted) + "\n")
+    note = f"Δm % against {against}."
+    (out / "results.md").write_text(markdown_table(formatted) + f"\n\n{note}\n")
     print(markdown_table(formatted))
+    print(note)
     print(
         f"[compare] {elapsed:.0f} s for {sum(map(len, results.values()))} runs; "
         f"tables and figures in {out}/",
@@ -709,9 +562,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         import matplotlib.pyplot as plt
 
         figures = {
-            "accuracy": accuracy_figure(numeric, tasks),
-            "weights": weights_figure(results, tasks),
-            "tradeoff": tradeoff_figure(numeric),
+            "metrics": metrics_figure(numeric, bench),
+            "weights": weights_figure(results, bench.tasks),
+            "tradeoff": tradeoff_figure(numeric, bench),
         }
         for name, figure in figures.items():
             figure.savefig(out / f"{name}.png")
@@ -721,9 +574,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     tracker = start_tracking(config, group=group, name="comparison", job_type="summary")
     for name, figure in figures.items():
         tracker.image(f"figures/{name}", figure)
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"delta_m_against": against}
     for row in numeric:
-        for key in ("delta_m_mean", "step_ms", *(f"{t}_acc_mean" for t in tasks)):
+        for key in ("delta_m_mean", "step_ms", *(f"{m}_mean" for m in bench.metrics)):
             summary[f"{row['method']}/{key}"] = row[key]
     tracker.summary(summary)
     tracker.finish()

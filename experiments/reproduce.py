@@ -3,7 +3,11 @@
     python -m experiments.reproduce NAME [--out DIR] [--seed 0] [--quick] [--wandb-mode offline]
 
 ``NAME`` is one of ``kendall_toy``, ``gradnorm_toy``, ``cagrad_toy``, ``famo_toy``,
-``multi_digits`` or ``all``. Each writes ``<out>/<NAME>.json`` (``measured``, ``published``
+``multi_digits``, ``multimnist`` or ``all``. The reproductions of a benchmark table
+(``multi_digits``, ``multimnist``) take ``--benchmark``, ``--data-dir``, ``--option``,
+``--device`` and ``--amp`` (``multimnist`` needs ``--data-dir``, the folder of the MNIST
+IDX files; ``all`` skips it without one); the toys run on the CPU and refuse benchmark
+options. Each writes ``<out>/<NAME>.json`` (``measured``, ``published``
 with its source, ``criterion``, the individual ``checks`` and ``verdict``: ``"reproduced"`` or
 ``"not reproduced"``) and ``<out>/<NAME>.png``, and logs its curves, figure and summary to
 Weights & Biases (offline by default, under ``<out>/wandb``).
@@ -19,6 +23,7 @@ reported with what differs. A method whose strategy is not registered (or left o
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -31,24 +36,41 @@ from experiments.reproductions import (
     gradnorm_toy,
     kendall_toy,
     multi_digits,
+    multimnist,
 )
 from experiments.reproductions.common import ReproduceConfig, Result
 from experiments.runner import parse_config
 
 REPRODUCTIONS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (kendall_toy, gradnorm_toy, cagrad_toy, famo_toy, multi_digits)
+    for module in (kendall_toy, gradnorm_toy, cagrad_toy, famo_toy, multi_digits, multimnist)
 }
 NAMES = tuple(REPRODUCTIONS)
+ON_BENCHMARKS = frozenset({multi_digits.NAME, multimnist.NAME})
+NEEDS_DATA = frozenset({multimnist.NAME})
 
 
 def run(config: ReproduceConfig) -> list[Result]:
     """Run one reproduction (or all of them) and print one line per verdict."""
     torch.set_num_threads(config.threads)
     names = NAMES if config.name == "all" else (config.name,)
+    if config.name == "all" and config.data_dir is None:
+        skipped = [n for n in names if n in NEEDS_DATA]
+        names = tuple(n for n in names if n not in NEEDS_DATA)
+        print(f"skipped {', '.join(skipped)}: needs --data-dir", flush=True)
+    given = config.benchmark or config.data_dir or config.option
+    if given and config.name not in ON_BENCHMARKS | {"all"}:
+        raise SystemExit(
+            "--benchmark, --data-dir and --option apply to the benchmark reproductions "
+            f"({', '.join(sorted(ON_BENCHMARKS))}) only"
+        )
+    if config.name == "all" and (config.benchmark or config.option):
+        raise SystemExit("--benchmark and --option need one reproduction, not all")
     results = []
     for name in names:
-        result, _ = REPRODUCTIONS[name].run(config)
+        # with all, the data directory is multimnist's
+        own = config if name in NEEDS_DATA else dataclasses.replace(config, data_dir=None)
+        result, _ = REPRODUCTIONS[name].run(own)
         results.append(result)
         print(f"{name}: {result.verdict} ({result.wall_time_s:.1f} s) -> {config.out}/{name}.json")
     return results

@@ -285,13 +285,13 @@ def report_row(values: Mapping[str, float]) -> dict[str, float]:
 
 
 def progress(iterable: Iterable[T], *, desc: str = "", total: int | None = None, **kwargs: Any):
-    """A tqdm progress bar over ``iterable`` (shown only on a terminal; plain iteration if tqdm
-    is missing)."""
+    """A tqdm progress bar over ``iterable`` (shown only on a terminal and unless ``disable``;
+    plain iteration if tqdm is missing)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    kwargs.setdefault("disable", not sys.stderr.isatty())
+    kwargs["disable"] = kwargs.get("disable") or not sys.stderr.isatty()
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, desc=desc, total=total, **kwargs)

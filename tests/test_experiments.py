@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,9 +21,14 @@ import taskbalance as tb
 # under plain `pytest` (which does not put the repository root on sys.path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments import compare
-from experiments.data import make_multi_digits, overlay
-from experiments.models import MultiDigitsNet
+from experiments import compare, training
+from experiments.benchmarks import Metric, Reference, delta_m, get_benchmark
+from experiments.benchmarks.multi_digits import (
+    MultiDigitsBenchmark,
+    MultiDigitsNet,
+    make_multi_digits,
+    overlay,
+)
 from experiments.runner import (
     RunConfig,
     batch_indices,
@@ -169,48 +175,87 @@ def test_select_strategies() -> None:
 
 
 def test_delta_m_definition() -> None:
-    # Maninis et al.: mean over tasks of (M - M_single) / M_single · 100, higher is better.
-    assert compare.delta_m({"left": 0.88, "right": 0.9}, {"left": 0.8, "right": 1.0}) == (
+    # Maninis et al.: mean over metrics of ±(M - M_single) / M_single · 100, higher is better.
+    up, down = Metric(higher_is_better=True), Metric(higher_is_better=False)
+    metrics = {"left": up, "right": up, "err": down}
+    assert delta_m({"left": 0.88, "right": 0.9}, {"left": 0.8, "right": 1.0}, metrics) == (
         pytest.approx((10.0 - 10.0) / 2)
     )
-    assert compare.delta_m({"a": 0.5}, {"a": 0.4}) == pytest.approx(25.0)
+    assert delta_m({"left": 0.5}, {"left": 0.4}, metrics) == pytest.approx(25.0)
+    # lower is better: an error 25 % above the single-task one counts −25
+    assert delta_m({"err": 0.5}, {"err": 0.4}, metrics) == pytest.approx(-25.0)
+    # only the metrics of the reference count
+    assert delta_m({"left": 0.5, "err": 9.0}, {"left": 0.4}, metrics) == pytest.approx(25.0)
 
 
 def test_summary_delta_m_against_the_single_task_mean_over_seeds() -> None:
     """Δm% per seed against the single-task accuracy averaged over the seeds, then mean ± std."""
-    run = compare.RunResult
+    run = training.RunResult
+
+    def acc(left: float | None = None, right: float | None = None) -> dict[str, float]:
+        values = {"left/acc": left, "right/acc": right}
+        return {k: v for k, v in values.items() if v is not None}
+
     results = {
-        "single-task:left": [run("single-task:left", s, {"left": a}) for s, a in
+        "single-task:left": [run("single-task:left", s, acc(left=a)) for s, a in
                              enumerate((0.7, 0.8, 0.9))],  # mean 0.8
-        "single-task:right": [run("single-task:right", s, {"right": a}) for s, a in
+        "single-task:right": [run("single-task:right", s, acc(right=a)) for s, a in
                               enumerate((0.6, 0.4, 0.5))],  # mean 0.5
         "equal": [
-            run("equal", 0, {"left": 0.88, "right": 0.55}),  # (+10% + 10%) / 2 = +10
-            run("equal", 1, {"left": 0.72, "right": 0.45}),  # (−10% − 10%) / 2 = −10
-            run("equal", 2, {"left": 0.80, "right": 0.60}),  # (0% + 20%) / 2 = +10
+            run("equal", 0, acc(0.88, 0.55)),  # (+10% + 10%) / 2 = +10
+            run("equal", 1, acc(0.72, 0.45)),  # (−10% − 10%) / 2 = −10
+            run("equal", 2, acc(0.80, 0.60)),  # (0% + 20%) / 2 = +10
             run("equal", 3, error="RuntimeError: boom"),  # a failed seed does not count
         ],
     }  # fmt: skip
-    numeric, formatted = compare.summarise(results, ("left", "right"), "features")
+    bench = get_benchmark("multi_digits")
+    numeric, formatted, against = compare.summarise(bench, results, "features")
     single, equal = numeric
-    assert single["method"] == compare.SINGLE and single["delta_m_mean"] == 0.0
-    assert single["left_acc_mean"] == pytest.approx(0.8)
-    assert single["right_acc_std"] == pytest.approx(0.1)  # sample std of 0.6, 0.4, 0.5
+    assert against == "the single-task networks trained here"
+    # the baseline's own Δm: 0 on average, its spread over the seeds
+    assert single["method"] == training.SINGLE
+    assert single["delta_m_mean"] == pytest.approx(0.0, abs=1e-9) and single["delta_m_std"] > 0
+    assert single["left/acc_mean"] == pytest.approx(0.8)
+    assert single["right/acc_std"] == pytest.approx(0.1)  # sample std of 0.6, 0.4, 0.5
     assert equal["delta_m_mean"] == pytest.approx(10 / 3)
     assert equal["delta_m_std"] == pytest.approx(math.sqrt(((20 / 3) ** 2 * 2 + (40 / 3) ** 2) / 2))
-    assert equal["left_acc_mean"] == pytest.approx(0.8) and equal["seeds"] == 3
+    assert equal["left/acc_mean"] == pytest.approx(0.8) and equal["seeds"] == 3
     assert equal["status"] == "failed 1/4" and equal["error"] == "RuntimeError: boom"
     assert formatted[1]["Δm % (↑)"] == "3.33 ± 11.55"
+    assert formatted[1]["left/acc % (↑)"] == "80.00 ± 8.00"
+
+
+def test_summary_against_a_published_reference() -> None:
+    """Without trained baselines Δm% is measured against the benchmark's published values, with
+    each metric's direction; one seed prints no ± 0.00."""
+
+    class Published(MultiDigitsBenchmark):
+        metrics: Mapping[str, Metric] = {
+            "left/acc": Metric(True, "fraction"),
+            "right/err": Metric(False),
+        }
+        reference = Reference({"left/acc": 0.5, "right/err": 2.0}, source="a paper")
+
+    bench = Published()
+    results = {"equal": [training.RunResult("equal", 0, {"left/acc": 0.6, "right/err": 3.0})]}
+    numeric, formatted, against = compare.summarise(
+        bench, results, "features", trained_baselines=False
+    )
+    # (+20 % − 50 %) / 2: the error 50 % above the reference counts against
+    assert numeric[0]["delta_m_mean"] == pytest.approx(-15.0)
+    assert against == "the published single-task reference (a paper)"
+    assert formatted[0]["Δm % (↑)"] == "-15.00"
+    assert formatted[0]["right/err (↓)"] == "3.00"
 
 
 def test_gradient_source_per_strategy() -> None:
-    assert compare.gradient_source("equal", "features") is None  # loss-level: no gradients
-    assert compare.gradient_source("single-task:left", "features") is None
-    assert compare.gradient_source("mgda", "features") == "features"
-    assert compare.gradient_source("mgda", "shared_params") == "shared_params"
-    for name in compare.PARAMETER_GRADIENTS & set(tb.list_strategies()):
+    assert training.gradient_source("equal", "features") is None  # loss-level: no gradients
+    assert training.gradient_source("single-task:left", "features") is None
+    assert training.gradient_source("mgda", "features") == "features"
+    assert training.gradient_source("mgda", "shared_params") == "shared_params"
+    for name in training.PARAMETER_GRADIENTS & set(tb.list_strategies()):
         # running averages of per-task gradients need the same entries at every step
-        assert compare.gradient_source(name, "features") == "shared_params"
+        assert training.gradient_source(name, "features") == "shared_params"
 
 
 # --------------------------------------------------------------------------- tracking
@@ -360,7 +405,7 @@ def test_model_splits_trunk_and_heads() -> None:
     features, logits = model(torch.rand(3, 1, 10, 10))
     assert features.shape == (3, 50) and logits["right"].shape == (3, 10)
     shared = {id(p) for p in model.shared_parameters()}
-    heads = {id(p) for t in model.tasks for p in model.task_parameters(t)}
+    heads = {id(p) for t in model.tasks for p in model.heads[t].parameters()}
     assert shared.isdisjoint(heads)
     assert shared | heads == {id(p) for p in model.parameters()}
     # The FC layer of the trunk sees 20 channels × 2 × 2 after two poolings of a 10×10 image.
@@ -369,30 +414,32 @@ def test_model_splits_trunk_and_heads() -> None:
 
 # --------------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("method", ["rlw", "dwa", "uncertainty"])
-def test_resumed_run_matches_uninterrupted_run(method: str, digits, tmp_path: Path) -> None:
+def test_resumed_run_matches_uninterrupted_run(method: str, tmp_path: Path) -> None:
     if method not in tb.list_strategies():
         pytest.skip(f"{method} is not registered")
     # batch 256 on 1348 pairs: 5 steps per epoch, so the run crosses epoch ends (DWA's
-    # end_epoch, evaluation, checkpoints) before and after the interruption at step 7.
-    config = compare.CompareConfig(
-        out=str(tmp_path), steps=13, batch_size=256, pairs_per_image=1, wandb_mode="disabled"
+    # end_epoch, the learning-rate schedule, evaluation, checkpoints) before and after the
+    # interruption at step 7.
+    bench = get_benchmark("multi_digits", pairs_per_image=1)
+    bench.recipe = dataclasses.replace(bench.recipe, milestones=(1, 2), gamma=0.5)
+    config = training.BenchmarkConfig(
+        out=str(tmp_path), steps=13, batch_size=256, wandb_mode="disabled"
     )
-    data = digits
     tracker = tb_wandb.Tracker()
-    full, full_model = compare.train_run(config, data, method, 3, tracker)
+    full, full_model = training.train_run(config, bench, method, 3, tracker)
 
     path = tmp_path / "run.pt"
-    first, _ = compare.train_run(config, data, method, 3, tracker, checkpoint=path, stop_after=7)
+    first, _ = training.train_run(config, bench, method, 3, tracker, checkpoint=path, stop_after=7)
     assert first.steps_done == 7 and path.exists()
     torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore it
     resumed_config = dataclasses.replace(config, resume=True, checkpoint_dir=str(tmp_path))
-    resumed, resumed_model = compare.train_run(
-        resumed_config, data, method, 3, tracker, checkpoint=path
+    resumed, resumed_model = training.train_run(
+        resumed_config, bench, method, 3, tracker, checkpoint=path
     )
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.weights == full.weights
-    assert resumed.accuracy == full.accuracy
+    assert resumed.metrics == full.metrics
 
 
 # --------------------------------------------------------------------------- compare end to end
@@ -430,22 +477,23 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
     # The table: every method, numbers that parse, the failure reported with its error.
     with (out / "results.csv").open() as handle:
         table = {row["method"]: row for row in csv.DictReader(handle)}
-    assert set(table) == {compare.SINGLE, *methods}
-    assert [r["method"] for r in rows] == [compare.SINGLE, *methods]
-    for method in (compare.SINGLE, "equal", "uncertainty", "mgda"):
+    assert set(table) == {training.SINGLE, *methods}
+    assert [r["method"] for r in rows] == [training.SINGLE, *methods]
+    for method in (training.SINGLE, "equal", "uncertainty", "mgda"):
         row = table[method]
         assert row["status"] == "ok"
-        for key in ("left_acc_mean", "right_acc_mean", "delta_m_mean", "step_ms"):
+        for key in ("left/acc_mean", "right/acc_mean", "delta_m_mean", "step_ms"):
             assert math.isfinite(float(row[key])), (method, key)
-        assert 0 <= float(row["left_acc_mean"]) <= 1
+        assert 0 <= float(row["left/acc_mean"]) <= 1
     assert table["mgda"]["grads"] == "features" and table["equal"]["grads"] == "–"
     assert table["static"]["status"] == "failed 1/1"
-    assert [table[m]["failures"] for m in (compare.SINGLE, *methods)] == ["0", "3", "3", "3", "0"]
+    assert [table[m]["failures"] for m in (training.SINGLE, *methods)] == ["0", "3", "3", "3", "0"]
     assert math.isnan(float(table["static"]["step_ms"]))  # the timing phase skips it too
     assert "RuntimeError: boom" in table["static"]["error"]
     markdown = (out / "results.md").read_text()
     assert all(f"| {m} |" in markdown for m in methods) and "failed 1/1: RuntimeError" in markdown
-    for figure in ("accuracy.png", "weights.png", "tradeoff.png"):
+    assert "Δm % against the single-task networks trained here." in markdown
+    for figure in ("metrics.png", "weights.png", "tradeoff.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # What W&B recorded: one run per (method, seed), one history row per step.
@@ -462,18 +510,19 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
             assert math.isfinite(row[key]), key
     assert [row["_step"] for row in history if "grad/cos/left-right" in row] == [0, 5, 10]
     assert -1 <= history[5]["grad/cos/left-right"] <= 1
-    assert 0 <= history[-1]["val/acc/left"] <= 1 and "val/acc/right" in history[-1]
+    assert 0 <= history[-1]["val/left/acc"] <= 1 and "val/right/acc" in history[-1]
+    assert math.isfinite(history[-1]["val/loss/left"])
     assert equal["summary"]["status"] == "ok" and equal["summary"]["failures"] == 3
     assert history[-1]["strategy/failed"] == 1.0 and history[-1]["strategy/failures"] == 3.0
-    assert equal["summary"]["final/acc/left"] == pytest.approx(
-        float(table["equal"]["left_acc_mean"])
+    assert equal["summary"]["final/left/acc"] == pytest.approx(
+        float(table["equal"]["left/acc_mean"])
     )
     uncertainty = runs["uncertainty-s0"]["history"][-1]
     assert math.isfinite(uncertainty["strategy/log_var/left"])  # a strategy's extras
     assert runs["static-s0"]["summary"]["status"] == "failed"
     summary = runs["comparison"]["summary"]
-    assert summary["figures/accuracy/_type"] == "image-file"
-    image = runs["comparison"]["folder"] / "files" / summary["figures/accuracy/path"]
+    assert summary["figures/metrics/_type"] == "image-file"
+    image = runs["comparison"]["folder"] / "files" / summary["figures/metrics/path"]
     assert image.exists()
     assert summary["equal/delta_m_mean"] == pytest.approx(float(table["equal"]["delta_m_mean"]))
 
@@ -481,6 +530,6 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
 @pytest.mark.slow
 def test_compare_quick_covers_every_registered_strategy(tmp_path: Path) -> None:
     rows = compare.main(["--quick", "--out", str(tmp_path), "--wandb-mode", "disabled"])
-    assert [r["method"] for r in rows] == [compare.SINGLE, *tb.list_strategies()]
+    assert [r["method"] for r in rows] == [training.SINGLE, *tb.list_strategies()]
     failed = {r["method"]: r["error"] for r in rows if r["status"] != "ok"}
     assert not failed

@@ -24,7 +24,13 @@ class ReproduceConfig(RunConfig):
     """Paper reproductions: python -m experiments.reproduce NAME."""
 
     name: Literal[
-        "kendall_toy", "gradnorm_toy", "cagrad_toy", "famo_toy", "multi_digits", "all"
+        "kendall_toy",
+        "gradnorm_toy",
+        "cagrad_toy",
+        "famo_toy",
+        "multi_digits",
+        "multimnist",
+        "all",
     ] = field(default="kendall_toy", metadata={"help": "which reproduction (or all)"})
     out: str = field(default="results/reproduce", metadata={"help": "directory for the outputs"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -38,6 +44,25 @@ class ReproduceConfig(RunConfig):
         },
     )
 
+    benchmark: str | None = field(
+        default=None,
+        metadata={
+            "help": "Table 3 reproductions (multi_digits, multimnist): train on this benchmark "
+            "instead of their own (recorded as a deviation)"
+        },
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "the benchmark's data (multimnist: the MNIST IDX files)"}
+    )
+    option: list[str] = field(
+        default_factory=list, metadata={"help": "benchmark options KEY=VALUE"}
+    )
+    device: str = field(
+        default="cpu", metadata={"help": "device of the benchmark reproductions (toys: CPU)"}
+    )
+    amp: bool = field(
+        default=False, metadata={"help": "mixed precision for the benchmark reproductions"}
+    )
     only: list[str] = field(
         default_factory=list,
         metadata={"help": "toy reproductions: run only these strategies (default: all)"},

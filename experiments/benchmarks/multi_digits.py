@@ -1,4 +1,5 @@
-"""Multi-Digits: MultiMNIST built the way Sener & Koltun built it, from scikit-learn's 8×8 digits.
+"""``multi_digits``: MultiMNIST built the way Sener & Koltun built it, from scikit-learn's 8×8
+digits, with a LeNet-style model (no data directory needed).
 
 Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018,
 arXiv:1810.04650, Appendix C build MultiMNIST like this: every image gets a random partner; on
@@ -32,13 +33,25 @@ Everything is a function of ``seed`` (a ``torch.Generator``), so the data set is
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["TASKS", "MultiDigits", "make_multi_digits", "overlay"]
+from experiments.benchmarks.base import Benchmark, Metric, MultiTaskModel, Recipe
+from experiments.benchmarks.classification import Accuracy, TaskTensors, cross_entropy_losses
+
+__all__ = [
+    "TASKS",
+    "LeNetTrunk",
+    "MultiDigits",
+    "MultiDigitsBenchmark",
+    "MultiDigitsNet",
+    "make_multi_digits",
+    "overlay",
+]
 
 TASKS = ("left", "right")
 DIGIT = 8  # load_digits images are 8×8
@@ -149,3 +162,119 @@ def make_multi_digits(
         built[split] = (pictures, {"left": labels[left], "right": labels[right]}, sources)
     train, test = built["train"], built["test"]
     return MultiDigits(train[0], train[1], test[0], test[1], train[2], test[2])
+
+
+# --------------------------------------------------------------------------- model
+class LeNetTrunk(nn.Sequential):
+    """Conv3×3(c1)–MaxPool2–ReLU–Conv3×3(c2)–MaxPool2–ReLU–Flatten–FC(→features)–ReLU."""
+
+    def __init__(
+        self, *, image_size: int = 10, channels: tuple[int, int] = (10, 20), features: int = 50
+    ) -> None:
+        side = image_size // 2 // 2
+        if side < 1:
+            raise ValueError(f"image_size must be at least 4, got {image_size}")
+        super().__init__(
+            nn.Conv2d(1, channels[0], 3, padding=1),
+            nn.MaxPool2d(2),
+            nn.ReLU(),
+            nn.Conv2d(channels[0], channels[1], 3, padding=1),
+            nn.MaxPool2d(2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(channels[1] * side * side, features),
+            nn.ReLU(),
+        )
+        self.out_features = features
+
+
+class MultiDigitsNet(MultiTaskModel):
+    """Shared :class:`LeNetTrunk` plus a ``Linear(features, classes)`` head per task.
+
+    ``forward`` returns ``(features, {task: logits})``: the features are what a gradient-level
+    strategy takes as ``features=``; ``shared_parameters()`` are the trunk's parameters (its
+    ``shared_params=``).
+
+    The trunk follows the LeNet of Sener & Koltun (NeurIPS 2018) for MultiMNIST —
+    Conv5×5(10)–MaxPool2–ReLU–Conv5×5(20)–MaxPool2–ReLU–FC(320→50) — scaled to the 10×10
+    canvas: 3×3 convolutions with padding 1 (10×10 → pool → 5×5 → pool → 2×2), so the FC layer
+    maps 20·2·2 = 80 values to 50 features (followed by a ReLU). Each head is ``Linear(50, 10)``.
+
+    >>> model = MultiDigitsNet(("left", "right"))
+    >>> features, logits = model(torch.zeros(4, 1, 10, 10))
+    >>> tuple(features.shape), {t: tuple(v.shape) for t, v in logits.items()}
+    ((4, 50), {'left': (4, 10), 'right': (4, 10)})
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        num_classes: int = 10,
+        image_size: int = 10,
+        channels: tuple[int, int] = (10, 20),
+        features: int = 50,
+    ) -> None:
+        super().__init__()
+        self.trunk = LeNetTrunk(image_size=image_size, channels=channels, features=features)
+        self.heads = nn.ModuleDict({t: nn.Linear(features, num_classes) for t in tasks})
+
+    def forward(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        features = self.trunk(images)
+        return features, {t: head(features) for t, head in self.heads.items()}
+
+
+# --------------------------------------------------------------------------- benchmark
+class MultiDigitsBenchmark(Benchmark):
+    """Multi-Digits (:func:`make_multi_digits`) with :class:`MultiDigitsNet`, test accuracy per
+    task. No published reference: ``compare`` trains the single-task baselines.
+
+    The recipe is this project's (the paper's MultiMNIST recipe is in
+    :mod:`experiments.benchmarks.multimnist`): Adam 2e-3, batch 64, 6 epochs, no schedule, no
+    augmentation. The options build the data: ``pairs_per_image`` (default 4: the 1 347 training
+    digits give 5 388 pairs), ``test_pairs_per_image`` (4) and ``data_seed`` (0).
+
+    >>> bench = MultiDigitsBenchmark()
+    >>> image, targets = bench.dataset("train")[0]
+    >>> tuple(image.shape), sorted(targets), len(bench.dataset("test"))
+    ((1, 10, 10), ['left', 'right'], 1800)
+    """
+
+    name = "multi_digits"
+    tasks = TASKS
+    metrics: Mapping[str, Metric] = {
+        f"{t}/acc": Metric(higher_is_better=True, unit="fraction") for t in TASKS
+    }
+    recipe = Recipe(
+        optimizer="adam",
+        lr=2e-3,
+        epochs=6,
+        batch_size=64,
+        eval_batch_size=2048,  # the whole test split in one forward
+        source="taskbalance's Multi-Digits setting (Adam, batch 64, 6 epochs)",
+    )
+    source = "built from sklearn.datasets.load_digits (ships with scikit-learn)"
+
+    def __init__(
+        self, *, pairs_per_image: int = 4, test_pairs_per_image: int = 4, data_seed: int = 0
+    ) -> None:
+        self.data = make_multi_digits(
+            data_seed, pairs_per_image=pairs_per_image, test_pairs_per_image=test_pairs_per_image
+        )
+
+    def dataset(self, split: str) -> TaskTensors:
+        self.check_split(split)
+        if split == "train":
+            return TaskTensors(self.data.train_images, self.data.train_labels)
+        return TaskTensors(self.data.test_images, self.data.test_labels)
+
+    def model(self, tasks: Sequence[str] | None = None) -> MultiDigitsNet:
+        return MultiDigitsNet(tasks or self.tasks)
+
+    def losses(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return cross_entropy_losses(outputs, targets)
+
+    def evaluator(self, tasks: Sequence[str] | None = None) -> Accuracy:
+        return Accuracy(tasks or self.tasks)
