@@ -195,7 +195,8 @@ def delta_m(
     ``1/K Σ_k (−1)^{l_k} (M_k − S_k) / S_k · 100`` with ``l_k = 1`` where lower is better.
 
     The mean is over metrics, as in the CAGrad, Nash-MTL and FAMO code for NYUv2 and Cityscapes
-    (not over tasks first). Positive is better than single-task.
+    (not over tasks first). Positive is better than single-task; those papers print the
+    negation (their Δm% is lower-is-better). NaN where a single-task value is 0.
 
     >>> m = {"a/acc": Metric(True), "b/err": Metric(False)}
     >>> round(delta_m({"a/acc": 0.9, "b/err": 0.5}, {"a/acc": 1.0, "b/err": 0.4}, m), 6)
@@ -203,6 +204,8 @@ def delta_m(
     """
     terms = []
     for name, reference in single.items():
+        if reference == 0:
+            return math.nan  # a relative change from 0 is undefined
         sign = 1.0 if metrics[name].higher_is_better else -1.0
         terms.append(sign * (values[name] - reference) / reference * 100)
     return statistics.fmean(terms) if terms else math.nan
