@@ -231,13 +231,13 @@ class MultiDigitsBenchmark(Benchmark):
 
     The recipe is this project's (the paper's MultiMNIST recipe is in
     :mod:`experiments.benchmarks.multimnist`): Adam 2e-3, batch 64, 6 epochs, no schedule, no
-    augmentation. The options build the data: ``pairs_per_image`` (default 4: the 1 347 training
-    digits give 5 388 pairs), ``test_pairs_per_image`` (4) and ``data_seed`` (0).
+    augmentation. The options build the data: ``pairs_per_image`` (default 4: the 1 348 training
+    digits give 5 392 pairs), ``test_pairs_per_image`` (4) and ``data_seed`` (0).
 
     >>> bench = MultiDigitsBenchmark()
     >>> image, targets = bench.dataset("train")[0]
     >>> tuple(image.shape), sorted(targets), len(bench.dataset("test"))
-    ((1, 10, 10), ['left', 'right'], 1800)
+    ((1, 10, 10), ['left', 'right'], 1796)
     """
 
     name = "multi_digits"
