@@ -260,6 +260,21 @@ def single_task_values(
     return values
 
 
+def delta_m_baseline(
+    bench: Benchmark, results: Mapping[str, Sequence[RunResult]], trained_baselines: bool
+) -> tuple[dict[str, float], str]:
+    """(the single-task values Δm% is measured against, what they are in words): the trained
+    single-task networks when ``trained_baselines`` and they all ran, else the benchmark's
+    published reference (if any)."""
+    single = single_task_values(bench, results) if trained_baselines else {}
+    if single:
+        return single, "the single-task networks trained here"
+    if bench.reference:
+        source = bench.reference.source
+        return dict(bench.reference.values), f"the published single-task reference ({source})"
+    return {}, "nothing (no single-task baseline)"
+
+
 def summarise(
     bench: Benchmark,
     results: dict[str, list[RunResult]],
@@ -271,20 +286,13 @@ def summarise(
     """(numeric rows for the CSV, formatted rows for Markdown and the console, what Δm% is
     measured against).
 
-    Δm% is measured against the trained single-task networks when ``trained_baselines`` and
-    they all ran, else against the benchmark's published reference (if any).
+    Δm% is measured against :func:`delta_m_baseline`.
     ``step_ms`` is the side-by-side timing of :func:`time_steps` when given (NaN without it);
     ``train_step_ms`` the median step time during the training runs (exposed to load changes).
     """
     timing = timing or {}
     metrics = list(bench.metrics)
-    single = single_task_values(bench, results) if trained_baselines else {}
-    against = "the single-task networks trained here"
-    if not single and bench.reference:
-        single = dict(bench.reference.values)
-        against = f"the published single-task reference ({bench.reference.source})"
-    elif not single:
-        against = "nothing (no single-task baseline)"
+    single, against = delta_m_baseline(bench, results, trained_baselines)
     equal_ms = timing.get("equal", math.nan)
 
     numeric: list[dict[str, Any]] = []
@@ -372,10 +380,13 @@ def summarise(
 MAX_METRIC_PANELS = 9
 
 
-def metrics_figure(numeric: Sequence[dict[str, Any]], bench: Benchmark) -> Any:
+def metrics_figure(
+    numeric: Sequence[dict[str, Any]], bench: Benchmark, single: Mapping[str, float]
+) -> Any:
     """One panel per metric (the first nine): horizontal bars, mean ± std over seeds, methods
-    sorted by Δm, single-task dashed."""
+    sorted by Δm; ``single`` (the values Δm is measured against) dashed."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metrics = list(bench.metrics)[:MAX_METRIC_PANELS]
     rows = [r for r in numeric if r["method"] != SINGLE]
@@ -390,7 +401,6 @@ def metrics_figure(numeric: Sequence[dict[str, Any]], bench: Benchmark) -> Any:
         squeeze=False,
         sharey=True,
     )
-    single = [r for r in numeric if r["method"] == SINGLE]
     for axis, metric in zip(axes.flat, metrics):
         scale = 100.0 if bench.metrics[metric].unit == "fraction" else 1.0
         means = [scale * r[f"{metric}_mean"] for r in rows]
@@ -401,21 +411,24 @@ def metrics_figure(numeric: Sequence[dict[str, Any]], bench: Benchmark) -> Any:
             color="tab:blue",
             error_kw={"elinewidth": 0.8},
         )
-        if single:
-            axis.axvline(scale * single[0][f"{metric}_mean"], color="k", linestyle="--", lw=1)
-        finite = [m for m in means if not math.isnan(m)]
-        if finite:
-            low, high = min(finite), max(finite)
-            pad = max(high - low, abs(high) * 0.01, 1e-9)
+        shown = [m for m in means if not math.isnan(m)]
+        if metric in single:
+            axis.axvline(scale * single[metric], color="k", linestyle="--", lw=1)
+            shown.append(scale * single[metric])
+        if shown:
+            low, high = min(shown), max(shown)
+            pad = max(0.1 * (high - low), abs(high) * 0.01, 1e-9)
             axis.set_xlim(low - pad, high + pad)
         arrow = "↑" if bench.metrics[metric].higher_is_better else "↓"
-        axis.set_title(f"{metric} {'%' if scale == 100 else ''} ({arrow})", fontsize=8)
+        axis.set_title(f"{metric}{' %' if scale == 100 else ''} ({arrow})", fontsize=8)
+        axis.xaxis.set_major_locator(MaxNLocator(4))
         axis.tick_params(labelsize=6)
     for axis in list(axes.flat)[len(metrics) :]:
         axis.axis("off")
     axes[0][0].set_yticks(range(len(rows)), [r["method"] for r in rows])
     figure.suptitle(
-        f"{bench.name}: test metrics (mean ± std over seeds; dashed: single-task; sorted by Δm)",
+        f"{bench.name}: test metrics (mean ± std over seeds, sorted by Δm); dashed: what Δm is "
+        "measured against",
         fontsize=9,
     )
     figure.tight_layout()
@@ -543,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     numeric, formatted, against = summarise(
         bench, results, config.grad_source, timing, trained_baselines=train_baselines
     )
+    single, _ = delta_m_baseline(bench, results, train_baselines)
     write_table(numeric, out, "results")
     note = f"Δm % against {against}."
     (out / "results.md").write_text(markdown_table(formatted) + f"\n\n{note}\n")
@@ -562,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         import matplotlib.pyplot as plt
 
         figures = {
-            "metrics": metrics_figure(numeric, bench),
+            "metrics": metrics_figure(numeric, bench, single),
             "weights": weights_figure(results, bench.tasks),
             "tradeoff": tradeoff_figure(numeric, bench),
         }

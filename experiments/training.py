@@ -496,8 +496,9 @@ def train_run(
 
         record: dict[str, float] = {}
         diagnose = config.diagnostics_every and step % config.diagnostics_every == 0
-        if diagnose and len(tasks) > 1 and place.main:
+        if diagnose and len(tasks) > 1:
             # On the trunk's parameters, outside the timed part; the graph is kept for the step.
+            # Every rank takes them (its own batch), so that DDP sees the same calls everywhere.
             stacked = torch.stack([losses[t] for t in tasks])
             rows = jacobian(stacked, model.shared_parameters(), retain_graph=True)
             record.update(gradient_diagnostics(rows, tasks))
