@@ -25,10 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from torch import Tensor
-
-from experiments.benchmarks.base import Benchmark, DataError, Metric, Recipe
-from experiments.benchmarks.classification import Accuracy, cross_entropy_losses
+from experiments.benchmarks.base import DataError, Metric, Recipe
+from experiments.benchmarks.classification import ClassificationBenchmark
 from experiments.benchmarks.datasets import (
     CELEBA_ATTRIBUTES,
     CELEBA_SOURCE,
@@ -40,7 +38,7 @@ from experiments.benchmarks.networks import ResNet18
 __all__ = ["CelebA"]
 
 
-class CelebA(Benchmark):
+class CelebA(ClassificationBenchmark):
     """CelebA, 40 tasks (see the module docstring). Options: ``size`` (64) of the images,
     ``width`` (1.0) of the ResNet."""
 
@@ -74,11 +72,3 @@ class CelebA(Benchmark):
 
     def model(self, tasks: Sequence[str] | None = None) -> ResNet18:
         return ResNet18(tasks or self.tasks, width=self.width, image_size=self.size)
-
-    def losses(
-        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
-        return cross_entropy_losses(outputs, targets)
-
-    def evaluator(self, tasks: Sequence[str] | None = None) -> Accuracy:
-        return Accuracy(tasks or self.tasks)

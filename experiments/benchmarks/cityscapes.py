@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from experiments.benchmarks.base import Metric, Recipe, Reference
+from experiments.benchmarks.base import Metric, Reference
 from experiments.benchmarks.datasets import (
     CITYSCAPES_SOURCE,
     DenseNpyDataset,
     cityscapes_dataset,
 )
-from experiments.benchmarks.nyuv2 import DENSE_METRICS, DenseBenchmark
+from experiments.benchmarks.nyuv2 import DENSE_METRICS, DenseBenchmark, cagrad_recipe
 
 __all__ = ["Cityscapes"]
 
@@ -50,16 +50,8 @@ class Cityscapes(DenseBenchmark):
         },
         source="single-task learning, CAGrad (arXiv:2110.14048), Cityscapes table",
     )
-    recipe = Recipe(
-        optimizer="adam",
-        lr=1e-4,
-        epochs=200,
-        batch_size=8,
-        milestones=(100,),
-        gamma=0.5,
-        augmentation="random scale crop (1.0, 1.2, 1.5; depth divided by the scale) and "
-        "horizontal flip",
-        source="CAGrad cityscapes/model_segnet_mtan.py",
+    recipe = cagrad_recipe(
+        batch_size=8, flip="horizontal flip", source="CAGrad cityscapes/model_segnet_mtan.py"
     )
     source = CITYSCAPES_SOURCE
 

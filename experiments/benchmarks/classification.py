@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["Accuracy", "TaskTensors", "cross_entropy_losses"]
+from experiments.benchmarks.base import Benchmark
+
+__all__ = ["Accuracy", "ClassificationBenchmark", "TaskTensors", "cross_entropy_losses"]
 
 
 class TaskTensors(Dataset[tuple[Tensor, dict[str, Tensor]]]):
@@ -86,3 +88,16 @@ class Accuracy:
             raise ValueError("Accuracy.compute() before any update()")
         values = torch.stack([self.correct[t] for t in self.tasks]).double() / self.count
         return {f"{t}/acc": v for t, v in zip(self.tasks, values.tolist())}
+
+
+class ClassificationBenchmark(Benchmark):
+    """A benchmark of classification tasks: cross-entropy per task, accuracy per task
+    (``<task>/acc``). Subclasses give the data, the model and the rest of the protocol."""
+
+    def losses(
+        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return cross_entropy_losses(outputs, targets)
+
+    def evaluator(self, tasks: Sequence[str] | None = None) -> Accuracy:
+        return Accuracy(tasks or self.tasks)

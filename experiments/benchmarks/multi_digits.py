@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.benchmarks.base import Benchmark, Metric, MultiTaskModel, Recipe
-from experiments.benchmarks.classification import Accuracy, TaskTensors, cross_entropy_losses
+from experiments.benchmarks.base import Metric, MultiTaskModel, Recipe
+from experiments.benchmarks.classification import ClassificationBenchmark, TaskTensors
 
 __all__ = [
     "TASKS",
@@ -225,7 +225,7 @@ class MultiDigitsNet(MultiTaskModel):
 
 
 # --------------------------------------------------------------------------- benchmark
-class MultiDigitsBenchmark(Benchmark):
+class MultiDigitsBenchmark(ClassificationBenchmark):
     """Multi-Digits (:func:`make_multi_digits`) with :class:`MultiDigitsNet`, test accuracy per
     task. No published reference: ``compare`` trains the single-task baselines.
 
@@ -271,11 +271,3 @@ class MultiDigitsBenchmark(Benchmark):
 
     def model(self, tasks: Sequence[str] | None = None) -> MultiDigitsNet:
         return MultiDigitsNet(tasks or self.tasks)
-
-    def losses(
-        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
-        return cross_entropy_losses(outputs, targets)
-
-    def evaluator(self, tasks: Sequence[str] | None = None) -> Accuracy:
-        return Accuracy(tasks or self.tasks)

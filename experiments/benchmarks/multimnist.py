@@ -25,10 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from torch import Tensor
-
-from experiments.benchmarks.base import Benchmark, DataError, Metric, Recipe
-from experiments.benchmarks.classification import Accuracy, cross_entropy_losses
+from experiments.benchmarks.base import DataError, Metric, Recipe
+from experiments.benchmarks.classification import ClassificationBenchmark
 from experiments.benchmarks.datasets import MNIST_SOURCE, MultiMNISTDataset, multimnist_dataset
 from experiments.benchmarks.networks import MultiLeNet
 
@@ -37,7 +35,7 @@ __all__ = ["MultiMNIST"]
 TASKS = ("left", "right")
 
 
-class MultiMNIST(Benchmark):
+class MultiMNIST(ClassificationBenchmark):
     """MultiMNIST (see the module docstring). Options: ``seed`` (0) of the partner draw,
     ``dropout`` (0.5) of the LeNet."""
 
@@ -73,11 +71,3 @@ class MultiMNIST(Benchmark):
 
     def model(self, tasks: Sequence[str] | None = None) -> MultiLeNet:
         return MultiLeNet(tasks or self.tasks, dropout=self.dropout)
-
-    def losses(
-        self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
-        return cross_entropy_losses(outputs, targets)
-
-    def evaluator(self, tasks: Sequence[str] | None = None) -> Accuracy:
-        return Accuracy(tasks or self.tasks)

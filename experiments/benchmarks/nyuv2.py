@@ -24,6 +24,7 @@ epochs (Nash-MTL's README); the scripts here report the final epoch.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from experiments.benchmarks.dense import (
 )
 from experiments.benchmarks.networks import SegNet, SegNetMTAN
 
-__all__ = ["DenseBenchmark", "NYUv2"]
+__all__ = ["DenseBenchmark", "NYUv2", "cagrad_recipe"]
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "segmentation": segmentation_loss,
@@ -71,6 +72,21 @@ DENSE_METRICS = {
     "normal/within_22.5": Metric(True, FRACTION),
     "normal/within_30": Metric(True, FRACTION),
 }
+
+
+def cagrad_recipe(*, batch_size: int, flip: str, source: str) -> Recipe:
+    """The recipe of CAGrad's (and Nash-MTL's) dense benchmarks: Adam 1e-4 halved after epoch
+    100, 200 epochs, test batches of the training batch size, random scale crop and flip."""
+    return Recipe(
+        optimizer="adam",
+        lr=1e-4,
+        epochs=200,
+        batch_size=batch_size,
+        milestones=(100,),
+        gamma=0.5,
+        augmentation=f"random scale crop (1.0, 1.2, 1.5; depth divided by the scale) and {flip}",
+        source=source,
+    )
 
 
 class DenseBenchmark(Benchmark):
@@ -98,8 +114,9 @@ class DenseBenchmark(Benchmark):
         self.width = width
         self.augment = augment
 
+    @abc.abstractmethod
     def _read(self, split: str, augment: bool) -> DenseNpyDataset:
-        raise NotImplementedError
+        """The MTAN folder ``split`` ("train" or "val") of this benchmark."""
 
     def dataset(self, split: str) -> DenseNpyDataset:
         """``train`` (augmented unless ``augment=False``) or ``test`` (the files' ``val``)."""
@@ -151,15 +168,9 @@ class NYUv2(DenseBenchmark):
         },
         source="single-task learning, CAGrad (arXiv:2110.14048) Table 2; Nash-MTL's delta_fn",
     )
-    recipe = Recipe(
-        optimizer="adam",
-        lr=1e-4,
-        epochs=200,
+    recipe = cagrad_recipe(
         batch_size=2,
-        milestones=(100,),
-        gamma=0.5,
-        augmentation="random scale crop (1.0, 1.2, 1.5; depth divided by the scale) and "
-        "horizontal flip (normal x negated)",
+        flip="horizontal flip (normal x negated)",
         source="CAGrad nyuv2/model_segnet_mtan.py; Nash-MTL experiments/nyuv2/trainer.py",
     )
     source = NYUV2_SOURCE

@@ -14,9 +14,7 @@ from experiments.reproductions.common import (
     Result,
     conclude,
     overall,
-    training_length,
 )
-from experiments.training import load_benchmark
 
 NAME = "multi_digits"
 TITLE = (
@@ -40,26 +38,17 @@ def verdict(measured: Mapping[str, Any]) -> tuple[list[Check], str]:
 
 def run(config: ReproduceConfig) -> tuple[Result, Any]:
     """Every method for every seed; the ordering claims on the means over seeds."""
-    steps, deviations = training_length(config, 0, quick=30)
-    run_settings = table3.settings(config, config.benchmark or NAME, steps)
-    bench = load_benchmark(run_settings)
-    if bench.name != NAME:
-        deviations.append(f"DEVIATION: benchmark {bench.name} instead of {NAME}")
-    accuracy, missing, seconds = table3.train(config, NAME, bench, run_settings)
-    measured = table3.measure(accuracy, table3.seeds(config)) | {"seconds": seconds}
-    recipe = bench.recipe
+    done = table3.run_methods(config, NAME)
     return conclude(
         sys.modules[__name__],
         config,
-        measured,
-        table3.figure(measured, "Multi-Digits (emulation of Sener & Koltun Table 3)"),
+        done.measured,
+        table3.figure(done.measured, "Multi-Digits (emulation of Sener & Koltun Table 3)"),
         settings={
             "data": "experiments.benchmarks.multi_digits (seed 0, pairs_per_image 4): 10×10 "
             "canvas, offset 2, split before pairing",
             "model": "MultiDigitsNet (LeNet-style trunk, two heads)",
-            "training": f"experiments.training.train_run: {recipe.optimizer} lr {recipe.lr}, "
-            f"batch {recipe.batch_size}, {recipe.epochs} epochs"
-            + (f", {steps} steps" if steps else ""),
+            "training": done.training(),
             "mgda": "strategy 'mgda' with its defaults on the gradients w.r.t. the shared "
             "features (MGDA-UB)",
             "gradnorm": "strategy defaults (alpha 1.5, lr 0.025), W = the shared features",
@@ -69,11 +58,9 @@ def run(config: ReproduceConfig) -> tuple[Result, Any]:
         notes=[
             "An emulation: Multi-Digits is MultiMNIST's recipe applied to sklearn's 1 797 8×8 "
             "digits, with a small LeNet; only the ordering of Table 3 is checked.",
-            "Uncertainty weighting runs with the strategy's default regression form for both "
-            "classification tasks (the paper's classification form is e^(−s)L + ½s; "
-            "task_types='classification' would select it).",
+            table3.UNCERTAINTY_NOTE,
         ],
-        missing=missing,
-        wall_time_s=seconds,
-        deviations=deviations,
+        missing=done.missing,
+        wall_time_s=done.seconds,
+        deviations=done.deviations,
     )

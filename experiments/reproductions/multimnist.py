@@ -17,10 +17,9 @@ from experiments.reproductions.common import (
     Result,
     conclude,
     overall,
-    training_length,
     unmeasured,
 )
-from experiments.training import SINGLE, load_benchmark
+from experiments.training import SINGLE
 
 NAME = "multimnist"
 TITLE = "Sener & Koltun (NeurIPS 2018), Table 3: MultiMNIST, single-task, equal, uncertainty, " \
@@ -57,33 +56,21 @@ def verdict(measured: Mapping[str, Any]) -> tuple[list[Check], str]:
 
 def run(config: ReproduceConfig) -> tuple[Result, Any]:
     """Every method for every seed at the paper's recipe; the claims on the means over seeds."""
-    steps, deviations = training_length(config, 0, quick=30)
-    run_settings = table3.settings(config, config.benchmark or NAME, steps)
-    bench = load_benchmark(run_settings)
-    if bench.name != NAME:
-        deviations.append(f"DEVIATION: benchmark {bench.name} instead of {NAME}")
-    accuracy, missing, seconds = table3.train(config, NAME, bench, run_settings)
-    measured = table3.measure(accuracy, table3.seeds(config)) | {"seconds": seconds}
-    recipe = bench.recipe
+    done = table3.run_methods(config, NAME)
     return conclude(
         sys.modules[__name__],
         config,
-        measured,
-        table3.figure(measured, "MultiMNIST"),
+        done.measured,
+        table3.figure(done.measured, "MultiMNIST"),
         settings={
-            "data": f"{bench.name} from {run_settings.data_dir}",
-            "training": f"{recipe.optimizer} lr {recipe.lr}, batch {recipe.batch_size}, "
-            f"{recipe.epochs} epochs ({recipe.source})" + (f", {steps} steps" if steps else ""),
+            "data": f"{done.bench.name} from {done.settings.data_dir}",
+            "training": done.training(),
             "mgda": "strategy 'mgda' on the gradients w.r.t. the shared features (MGDA-UB)",
             "baselines": f"{SINGLE}: one network per task, same recipe",
             "seeds": table3.seeds(config),
         },
-        notes=[
-            "Uncertainty weighting runs with the strategy's default regression form for both "
-            "classification tasks (the paper's classification form is e^(−s)L + ½s; "
-            "task_types='classification' would select it).",
-        ],
-        missing=missing,
-        wall_time_s=seconds,
-        deviations=deviations,
+        notes=[table3.UNCERTAINTY_NOTE],
+        missing=done.missing,
+        wall_time_s=done.seconds,
+        deviations=done.deviations,
     )

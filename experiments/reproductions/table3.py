@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,11 @@ from experiments.reproductions.common import (
     available,
     figure_row,
     tracking_group,
+    training_length,
     unmeasured,
 )
 from experiments.runner import start_tracking
-from experiments.training import SINGLE, BenchmarkConfig, train_run
+from experiments.training import SINGLE, BenchmarkConfig, load_benchmark, train_run
 
 TABLE3 = {  # test accuracy (%) left / right, MultiMNIST, Sener & Koltun 2018, Table 3
     SINGLE: (97.23, 95.90),
@@ -38,6 +40,11 @@ ORDERING = (
     "the ordering claims of Table 3 as checks, on the mean over seeds of the two tasks' "
     f"accuracy: baselines within {BASELINE_SPREAD_PP} pp of each other and below single-task; "
     f"MGDA-UB within {MGDA_CLOSE_PP} pp of single-task and above the baselines"
+)
+UNCERTAINTY_NOTE = (
+    "Uncertainty weighting runs with the strategy's default regression form for both "
+    "classification tasks (the paper's classification form is e^(−s)L + ½s; "
+    "task_types='classification' would select it)."
 )
 
 
@@ -152,6 +159,39 @@ def measure(accuracy: Mapping[str, list[dict[str, float]]], used: list[int]) -> 
         "mean_of_tasks": {m: (v["left"] + v["right"]) / 2 for m, v in means.items()},
         "seeds": used,
     }
+
+
+@dataclass
+class Table3Run:
+    """What a Table 3 reproduction measured, and how."""
+
+    bench: Benchmark
+    settings: BenchmarkConfig
+    steps: int  # 0: the recipe's epochs
+    measured: dict[str, Any]
+    missing: list[str]
+    seconds: float
+    deviations: list[str]
+
+    def training(self) -> str:
+        """The training settings in words."""
+        recipe = self.bench.recipe
+        text = f"{recipe.optimizer} lr {recipe.lr}, batch {recipe.batch_size}, {recipe.epochs} "
+        text += f"epochs ({recipe.source})"
+        return text + (f", {self.steps} steps" if self.steps else "")
+
+
+def run_methods(config: ReproduceConfig, name: str) -> Table3Run:
+    """Train every method of Table 3 on the benchmark ``name`` (or ``--benchmark``, recorded as
+    a deviation) for every seed, and measure the accuracies."""
+    steps, deviations = training_length(config, 0, quick=30)
+    run_settings = settings(config, config.benchmark or name, steps)
+    bench = load_benchmark(run_settings)
+    if bench.name != name:
+        deviations.append(f"DEVIATION: benchmark {bench.name} instead of {name}")
+    accuracy, missing, seconds = train(config, name, bench, run_settings)
+    measured = measure(accuracy, seeds(config)) | {"seconds": seconds}
+    return Table3Run(bench, run_settings, steps, measured, missing, seconds, deviations)
 
 
 def figure(measured: Mapping[str, Any], title: str) -> Any:
