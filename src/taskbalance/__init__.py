@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from taskbalance import strategies as _strategies  # noqa: F401  (registers the built-ins)
+from taskbalance.errors import NonFiniteLossError, SolverError, StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.losses import MultiTaskLoss
 from taskbalance.optim import TaskOptimizers, list_optimizers, make_optimizer
 from taskbalance.registry import create_strategy, list_strategies, register_strategy
-from taskbalance.strategy import (
-    GradientAggregation,
-    LossWeighting,
-    NonFiniteLossError,
-    SolverError,
-    StepReport,
-    Strategy,
-    StrategyError,
-)
+from taskbalance.report import StepReport
+from taskbalance.strategy import Strategy
 
 __version__ = "0.1.0"
 

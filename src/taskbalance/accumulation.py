@@ -51,8 +51,10 @@ import torch
 from torch import Tensor
 
 from taskbalance import distributed
+from taskbalance.errors import StrategyError
 from taskbalance.jacobian import accumulate_grad, jacobian
-from taskbalance.strategy import StepReport, Strategy, StrategyError, _scale_factor
+from taskbalance.report import StepReport
+from taskbalance.strategy import Strategy, loss_scale
 
 __all__ = ["GradientAccumulator"]
 
@@ -108,7 +110,7 @@ class GradientAccumulator:
             raise StrategyError(
                 f"backward needs losses that require grad; task {batch.names[0]!r} has no graph"
             )
-        scale = _scale_factor(scaler, values.device)
+        scale = loss_scale(scaler, values.device)
         if scale is None:
             rows = jacobian(values, self._ordered, retain_graph=False)
         else:

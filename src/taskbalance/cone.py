@@ -37,23 +37,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from taskbalance.strategy import SolverError, StrategyError
+from taskbalance.errors import SolverError, StrategyError
+from taskbalance.solvers import solver_dtype
 
-__all__ = ["project_weights", "solver_dtype"]
+__all__ = ["project_weights"]
 
 _ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 _HALVINGS = 30  # when the full step fails, 1, 1/2, ..., 2^-29 are tried at once
 _ACTIVE_EPS = 1e-3  # Bertsekas' epsilon for the active-set estimate (normalised units)
 
 
-def solver_dtype(tensor: Tensor) -> torch.dtype:
-    """float64 for the small per-step problems, except on devices without it (MPS)."""
-    return torch.float32 if tensor.device.type == "mps" else torch.float64
-
-
 def normalized_gramian(gramian: Tensor, reg_eps: float) -> tuple[Tensor, Tensor]:
     """``G / tr(G) + reg_eps·I`` in the solver dtype, and ``tr(G)``."""
-    g = gramian.to(solver_dtype(gramian))
+    g = gramian.to(solver_dtype(gramian.device))
     g = 0.5 * (g + g.mT)  # exact symmetry, whatever the matmul did
     trace = g.diagonal().sum()
     safe = torch.where(trace > 0, trace, torch.ones_like(trace))

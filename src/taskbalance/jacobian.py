@@ -49,7 +49,7 @@ TorchJD 0.18's ``mtl_backward`` + ``jac_to_grad`` with the same aggregator).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -63,8 +63,10 @@ __all__ = [
     "backward_with_direction",
     "gramian",
     "gramian_backward",
+    "graph_leaves",
     "jacobian",
     "task_gramian",
+    "walk_graph",
 ]
 
 JacobianMethod = Literal["auto", "loop", "batched"]
@@ -195,21 +197,27 @@ def accumulate_grad(params: Iterable[Tensor], vector: Tensor) -> None:
             param.grad = piece.clone()
 
 
-def _leaves(root: Tensor) -> list[Tensor]:
-    """Every leaf tensor (``AccumulateGrad`` node) that the graph of ``root`` reaches."""
-    seen: set[object] = set()
-    stack = [root.grad_fn]
-    leaves: list[Tensor] = []
+def walk_graph(*starts: Any) -> Iterator[Any]:
+    """Every autograd node reachable from the nodes ``starts`` (``None`` skipped), each once.
+
+    The one walk of the graph in taskbalance: :func:`graph_leaves` and the engine's check that a
+    task reaches the tensors it is differentiated against are built on it.
+    """
+    seen: set[Any] = set()
+    stack = list(starts)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            leaves.append(variable)
+        yield node
         stack.extend(fn for fn, _ in node.next_functions)
-    return leaves
+
+
+def graph_leaves(root: Tensor) -> list[Tensor]:
+    """Every leaf tensor (``AccumulateGrad`` node) that the graph of ``root`` reaches."""
+    variables = (getattr(node, "variable", None) for node in walk_graph(root.grad_fn))
+    return [v for v in variables if isinstance(v, Tensor)]
 
 
 def backward_with_direction(
@@ -235,7 +243,7 @@ def backward_with_direction(
         total = total * scale
     if all(t.is_leaf for t in inputs):
         shared = {id(t) for t in inputs}
-        others = [leaf for leaf in _leaves(total) if id(leaf) not in shared]
+        others = [leaf for leaf in graph_leaves(total) if id(leaf) not in shared]
         if others:
             torch.autograd.backward(total, inputs=others)
         accumulate_grad(inputs, direction)

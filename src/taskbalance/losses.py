@@ -7,8 +7,10 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
+from taskbalance.errors import StrategyError
 from taskbalance.registry import create_strategy
-from taskbalance.strategy import StepReport, Strategy, StrategyError
+from taskbalance.report import StepReport
+from taskbalance.strategy import Strategy
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import inspect
 import re
 import warnings
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar
 
-from taskbalance.strategy import Strategy, StrategyError
+from taskbalance.errors import StrategyError
+from taskbalance.strategy import Strategy
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -35,14 +37,28 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 @dataclass(frozen=True)
 class StrategyInfo:
-    """What the registry knows of a strategy."""
+    """What the registry knows of a strategy.
+
+    ``stateful`` is derived from the strategy itself: whether an instance built from ``tasks``
+    alone declares state (:meth:`Strategy.add_state`: learned weights, running statistics, a
+    random generator, the last solution of a solver that may fail).
+    """
 
     name: str
     cls: type[Strategy]
     paper: str
     needs_grads: bool
-    stateful: bool
     deterministic: bool
+
+    @property
+    def stateful(self) -> bool:
+        return _declares_state(self.cls)
+
+
+@functools.cache
+def _declares_state(cls: type[Strategy]) -> bool:
+    modules = cls(("a", "b")).modules()
+    return any(module._states for module in modules if isinstance(module, Strategy))
 
 
 _REGISTRY: dict[str, StrategyInfo] = {}
@@ -51,12 +67,11 @@ _entry_points_loaded = False
 S = TypeVar("S", bound=type[Strategy])
 
 
-def register_strategy(name: str, *, paper: str = "", stateful: bool = False) -> Callable[[S], S]:
+def register_strategy(name: str, *, paper: str = "") -> Callable[[S], S]:
     """Class decorator: register a :class:`Strategy` subclass under ``name``.
 
-    ``paper`` cites the method's paper; ``stateful`` says whether the strategy keeps state
-    across steps (learned weights, running statistics, a random generator). ``needs_grads`` and
-    ``deterministic`` are read from the class.
+    ``paper`` cites the method's paper. ``needs_grads`` and ``deterministic`` are read from the
+    class, ``stateful`` from the state an instance declares.
     """
     if not isinstance(name, str) or not _NAME.match(name):
         raise StrategyError(
@@ -78,7 +93,6 @@ def register_strategy(name: str, *, paper: str = "", stateful: bool = False) -> 
             cls=cls,
             paper=paper,
             needs_grads=cls.needs_grads,
-            stateful=stateful,
             deterministic=cls.deterministic,
         )
         return cls

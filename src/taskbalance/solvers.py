@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from taskbalance.strategy import SolverError, StrategyError
+from taskbalance.errors import SolverError, StrategyError
 
 __all__ = [
     "cagrad_weights",
@@ -50,7 +50,8 @@ _KEEP = 0.5  # a weight is on the face when a Newton step towards w∘z = 0 keep
 
 
 def solver_dtype(device: torch.device) -> torch.dtype:
-    """The working dtype of the solvers on ``device``: float64 where the device has it."""
+    """The working dtype of the small per-step problems on ``device``: float64 where the device
+    has it (not on MPS). Every solver and strategy takes its working dtype from here."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 

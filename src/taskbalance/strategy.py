@@ -1,16 +1,19 @@
-"""Base classes shared by every strategy.
+"""The base class of every strategy: declared state, the transaction, the hooks.
 
 A strategy answers one question: given the losses of several tasks, what single update should the
-model take? Two families answer it differently:
+model take? Two families answer it (:mod:`taskbalance.loss_weighting`,
+:mod:`taskbalance.gradient_aggregation`); both rest on :class:`Strategy`, which holds what every
+method shares:
 
-* :class:`LossWeighting` turns the loss vector into weights; the update is the gradient of
-  ``sum(w_i * L_i)``. It works as a plain differentiable combination (``s(losses).backward()``)
-  and through ``s.backward(losses)``.
-* :class:`GradientAggregation` turns the per-task gradients (their Jacobian, or its Gramian) into
-  one update direction; it needs ``s.backward(losses, shared_params=...)`` or ``features=...``.
-
-Combining weights with losses or gradients, validating the input, keeping the state
-transactional and building the :class:`StepReport` are written once, here.
+* **Declared state** (:meth:`Strategy.add_state`): the base class knows which tensors are state
+  and which of them have one row per task, so partial labels, the transaction, ``.to()`` and
+  ``state_dict()`` are handled once.
+* **The transaction** (:meth:`Strategy.transaction`): a step that raises, or that met a
+  mixed-precision overflow, leaves every parameter and buffer as it was.
+* **The hooks** a method fills in (:meth:`Strategy.check_losses`,
+  :meth:`Strategy.before_train_step`, :meth:`Strategy.on_train_step`, :meth:`Strategy.extras`,
+  :meth:`Strategy.end_epoch`) and the one engine that calls them. No strategy overrides
+  ``backward``, ``forward`` or an underscore method of the base classes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import contextvars
 import functools
 import inspect
 import math
-import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -29,86 +32,30 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance import distributed
-from taskbalance.jacobian import backward_with_direction, gramian, gramian_backward, jacobian
+from taskbalance.errors import NonFiniteLossError, StrategyError
+from taskbalance.jacobian import graph_leaves
+from taskbalance.report import StepReport
+from taskbalance.validation import (
+    TaskLosses,
+    check_finite,
+    check_graphs,
+    check_tasks,
+    validate_losses,
+)
 
 __all__ = [
-    "GradientAggregation",
-    "LossWeighting",
-    "NonFiniteLossError",
-    "SolverError",
-    "StepReport",
+    "HALF",
     "Strategy",
-    "StrategyError",
     "TaskParameterOptimizer",
-    "per_task_jacobian",
+    "loss_scale",
+    "mark_overflow",
+    "overflowed",
     "scaled_backward",
+    "watch",
 ]
 
-
-OnFailure = Literal["reuse", "raise"]
-
-
-class StrategyError(ValueError):
-    """Bad input to a strategy; the message names the task or argument at fault."""
-
-
-class NonFiniteLossError(StrategyError):
-    """A task loss is NaN or infinite. Nothing was updated."""
-
-
-class SolverError(StrategyError):
-    """A strategy's per-step problem has no solution, or its solver did not converge.
-
-    Strategies with such a problem (Nash-MTL, FairGrad, CAGrad, MGDA, UPGrad, DualProj) take an
-    ``on_failure`` argument: ``"reuse"`` falls back to the previous step's weights (and counts
-    the fallback in the step report), ``"raise"`` raises this error.
-    """
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What one step did, kept as tensors so that building it never syncs with the device.
-
-    ``loss_values`` and ``weight_values`` hold one entry per task in ``tasks`` (the tasks present
-    in this step, in the strategy's order). ``extras`` holds further per-task vectors that a
-    strategy wants to log (for example ``"log_var"``), ``scalars`` single values about the step
-    (``"failed"`` and ``"failures"`` for strategies with an ``on_failure`` policy, see
-    :class:`GradientAggregation`). Converting to Python floats happens only in :meth:`to_dict`.
-    """
-
-    tasks: tuple[str, ...]
-    loss_values: Tensor
-    weight_values: Tensor
-    extras: Mapping[str, Tensor] = field(default_factory=dict)
-    scalars: Mapping[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def losses(self) -> dict[str, Tensor]:
-        return dict(zip(self.tasks, self.loss_values.unbind()))
-
-    @property
-    def weights(self) -> dict[str, Tensor]:
-        return dict(zip(self.tasks, self.weight_values.unbind()))
-
-    def to_dict(self, prefix: str = "") -> dict[str, float]:
-        """Floats keyed ``{prefix}loss/<task>``, ``{prefix}weight/<task>``,
-        ``{prefix}<extra>/<task>`` and ``{prefix}<scalar>``.
-
-        This is the one place that copies to the host (a single transfer for all values).
-        """
-        groups = {"loss": self.loss_values, "weight": self.weight_values, **self.extras}
-        parts = [v.detach().reshape(-1).float() for v in (*groups.values(), *self.scalars.values())]
-        flat = torch.cat(parts).tolist()
-        out: dict[str, float] = {}
-        position = 0
-        for key in groups:
-            for task in self.tasks:
-                out[f"{prefix}{key}/{task}"] = flat[position]
-                position += 1
-        for key in self.scalars:
-            out[f"{prefix}{key}"] = flat[position]
-            position += 1
-        return out
+# An old state_dict key and the name the state has now (resuming a 0.1 checkpoint).
+_RENAMED_STATE = {"rng_state": "generator_state"}
 
 
 class TaskParameterOptimizer(nn.Module):
@@ -178,154 +125,28 @@ class TaskParameterOptimizer(nn.Module):
         target.copy_(torch.where(mask, target - update, target))
 
 
-@dataclass(frozen=True)
-class TaskLosses:
-    """The validated losses of one step: the tasks present, in the strategy's order."""
-
-    names: tuple[str, ...]
-    values: Tensor  # [k], with the autograd graph (global values under torch.distributed)
-    index: Tensor  # [k] positions of the present tasks in ``strategy.tasks``
-    mask: Tensor  # [T] bool, True for the present tasks
-    group: Any = None  # the process group the step is reduced over; None: a local step
-
-    @property
-    def has_graph(self) -> bool:
-        return self.values.requires_grad
-
-
-def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(tasks, str) or not isinstance(tasks, Iterable):
-        raise StrategyError(f"tasks must be a sequence of task names, got {tasks!r}")
-    names = tuple(tasks)
-    if not names:
-        raise StrategyError("tasks must name at least one task")
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise StrategyError(f"tasks must be non-empty strings, got {name!r}")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise StrategyError(f"tasks must be unique, {duplicates} appear more than once")
-    return names
-
-
-def per_task_vector(
-    values: Mapping[str, float] | Sequence[float] | float,
-    tasks: Sequence[str],
-    *,
-    argument: str,
-) -> Tensor:
-    """A float tensor with one entry per task from a mapping, a sequence or one number."""
-    if isinstance(values, Mapping):
-        unknown = sorted(set(values) - set(tasks))
-        if unknown:
-            raise StrategyError(
-                f"{argument} names unknown tasks {unknown}; tasks are {list(tasks)}"
-            )
-        missing = [t for t in tasks if t not in values]
-        if missing:
-            raise StrategyError(f"{argument} gives no value for tasks {missing}")
-        items = [values[t] for t in tasks]
-    elif isinstance(values, (int, float)):
-        items = [values] * len(tasks)
-    else:
-        items = list(values)
-        if len(items) != len(tasks):
-            raise StrategyError(
-                f"{argument} has {len(items)} values for {len(tasks)} tasks {list(tasks)}"
-            )
-    try:
-        # The default dtype, like a module's parameters: state and its optimizer agree in dtype.
-        vector = torch.tensor([float(v) for v in items], dtype=torch.get_default_dtype())
-    except (TypeError, ValueError) as error:
-        raise StrategyError(f"{argument} must hold numbers, got {items!r}") from error
-    if not torch.isfinite(vector).all():
-        raise StrategyError(f"{argument} must be finite, got {items!r}")
-    return vector
-
-
-def validate_losses(
-    losses: Mapping[str, Tensor], tasks: Sequence[str]
-) -> tuple[tuple[str, ...], list[Tensor]]:
-    """Check a ``task -> scalar loss`` mapping; return the present tasks in ``tasks`` order and
-    their losses as 0-d tensors of one dtype (on one device). Errors name the culprit."""
-    if not isinstance(losses, Mapping):
-        raise StrategyError(
-            f"losses must be a mapping task name -> scalar tensor, got {type(losses).__name__}"
-        )
-    if not losses:
-        raise StrategyError(f"losses is empty; expected some of the tasks {list(tasks)}")
-    unknown = [name for name in losses if name not in tasks]
-    if unknown:
-        raise StrategyError(f"unknown task {unknown[0]!r} in losses; tasks are {list(tasks)}")
-    names = tuple(t for t in tasks if t in losses)
-    device = None
-    for name in names:
-        loss = losses[name]
-        if not isinstance(loss, Tensor):
-            raise StrategyError(
-                f"loss of task {name!r} must be a tensor, got {type(loss).__name__}"
-            )
-        if loss.numel() != 1 or loss.dim() > 1:
-            raise StrategyError(
-                f"loss of task {name!r} must be a scalar, got shape {tuple(loss.shape)}"
-            )
-        if not loss.is_floating_point():
-            raise StrategyError(f"loss of task {name!r} must be floating point, got {loss.dtype}")
-        if device is None:
-            device = loss.device
-        elif loss.device != device:
-            raise StrategyError(
-                f"loss of task {name!r} is on {loss.device}, task {names[0]!r} on {device}"
-            )
-    dtype = functools.reduce(torch.promote_types, (losses[n].dtype for n in names))
-    return names, [losses[n].reshape(()).to(dtype) for n in names]
-
-
-def _check_graphs(names: Sequence[str], parts: Sequence[Tensor]) -> None:
-    """A training step (some loss has a graph) needs every present task's loss to have one.
-
-    A loss computed under ``torch.no_grad()`` or detached would otherwise be weighted, reported
-    and never trained. Without any graph (evaluation) nothing is checked.
-    """
-    if not torch.is_grad_enabled():
-        return
-    graphs = [part.requires_grad for part in parts]
-    if any(graphs) and not all(graphs):
-        name = names[graphs.index(False)]
-        raise StrategyError(
-            f"loss of task {name!r} has no graph (computed under torch.no_grad() or detached?) "
-            "while other tasks' losses have one: it would not be trained. Leave a task without "
-            "a loss out of the mapping (partial labels)"
-        )
-
-
-def check_finite(names: Sequence[str], values: Tensor) -> None:
-    """Raise :class:`NonFiniteLossError` naming the first task whose loss is NaN or infinite.
-    One host sync: a NaN must fail loudly, before anything is updated."""
-    finite = torch.isfinite(values.detach())
-    if not bool(finite.all()):
-        position = finite.tolist().index(False)
-        raise NonFiniteLossError(
-            f"loss of task {names[position]!r} is not finite ({values[position].item()})"
-        )
-
-
 class Strategy(nn.Module):
     """A way of combining several task losses into one update.
 
-    Subclasses are small modules with one job; they keep all their state in parameters and
-    registered buffers (one entry per task along dimension 0 for per-task state), so that
-    ``state_dict()``, ``.to(device)`` and resuming work without extra code.
+    Subclasses are small modules with one job. They declare their state with :meth:`add_state`
+    and fill in hooks; the engine (``backward``, ``forward``, ``combine``, the transaction,
+    validation, DDP and mixed precision) is written once in the base classes.
 
     Class attributes describe capabilities (the registry records them):
 
-    * ``needs_grads``: the strategy needs per-task gradients, so only ``backward`` trains with it.
+    * ``needs_grads``: the strategy needs per-task gradients, so only ``backward`` (or
+      ``combine`` with ``shared_params=``/``features=``) trains with it.
     * ``deterministic``: the result is a function of the input and the state (no random draws).
 
     ``process_group`` (an instance attribute; ``None`` by default) picks the ranks a training step
     is reduced over when torch.distributed is initialised: ``None`` the default group, a process
     group that group, :data:`taskbalance.distributed.LOCAL` none (see
     :mod:`taskbalance.distributed`).
+
+    **One step, once.** A training step is a call in training mode, with grad mode on and losses
+    that carry a graph. Calling the strategy again on the very same loss tensors (``s(losses)``
+    then ``s.backward(losses)``, or ``combine`` twice) is the same step: the state is not
+    updated a second time and the same weights are used.
     """
 
     needs_grads: ClassVar[bool] = False
@@ -333,6 +154,7 @@ class Strategy(nn.Module):
     process_group: Any = None
 
     _init_args: dict[str, Any]
+    generator_state: Tensor
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Record every constructor argument (the outermost __init__ call wins) so that repr
@@ -360,9 +182,118 @@ class Strategy(nn.Module):
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
-        self.tasks: tuple[str, ...] = _check_tasks(tasks)
+        self.tasks: tuple[str, ...] = check_tasks(tasks)
         self._positions = {name: i for i, name in enumerate(self.tasks)}
         self._index_cache: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor, Tensor]] = {}
+        self._states: dict[str, bool] = {}  # declared state: name -> one row per task
+        self._last_step: tuple[tuple[tuple[str, Any], ...], Any] | None = None
+
+    # ----------------------------------------------------------------- declared state
+    def add_state(
+        self, name: str, default: Tensor, *, per_task: bool = True, persistent: bool = True
+    ) -> Tensor:
+        """Register ``default`` as state of this strategy under ``name``; return it.
+
+        ``per_task=True``: dimension 0 indexes ``self.tasks`` (an empty ``default`` is a state
+        sized at its first use, which ``load_state_dict`` resizes to the saved shape). Then a
+        step with partial labels changes only the present tasks' rows: the engine restores the
+        others, whatever the hooks wrote. Every declared tensor is restored when a step fails,
+        moves with ``.to()``, and is in ``state_dict()`` unless ``persistent=False``. An
+        ``nn.Parameter`` is registered as a parameter, anything else as a buffer. Constants
+        derived from constructor arguments are not state: register them with
+        ``register_buffer``. The registry calls a strategy ``stateful`` when it declares state.
+        """
+        if not isinstance(default, Tensor):
+            raise StrategyError(f"state {name!r} must be a tensor, got {type(default).__name__}")
+        if (
+            per_task
+            and default.numel() > 0
+            and (default.dim() == 0 or default.shape[0] != len(self.tasks))
+        ):
+            raise StrategyError(
+                f"per-task state {name!r} needs {len(self.tasks)} rows (one per task) along "
+                f"dimension 0, got shape {tuple(default.shape)}; pass per_task=False otherwise"
+            )
+        if isinstance(default, nn.Parameter):
+            self.register_parameter(name, default)
+        else:
+            self.register_buffer(name, default, persistent=persistent)
+        self._states[name] = per_task
+        return default
+
+    def add_random_state(self, seed: int) -> None:
+        """Declare the state of this strategy's random draws: a CPU generator seeded with ``seed``.
+
+        The one convention for random strategies: a ``seed: int = 0`` argument, drawn from with
+        :meth:`draw`. The generator's state is the buffer ``generator_state``, so a resumed run
+        draws what an uninterrupted one would, and the same ``seed`` on every rank draws the
+        same numbers (what DDP needs). Vary ``seed`` to vary the draws across runs.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise StrategyError(f"seed must be an integer, got {seed!r}")
+        state = torch.Generator().manual_seed(seed).get_state()
+        self.add_state("generator_state", state, per_task=False)
+
+    def draw(self, sample: Callable[[torch.Generator], Tensor], *, advance: bool = True) -> Tensor:
+        """``sample(generator)`` on the generator of :meth:`add_random_state`; the state moves on
+        unless ``advance=False`` (a look at the next draw)."""
+        generator = torch.Generator()
+        generator.set_state(self.generator_state.detach().cpu())  # a sync if on a GPU
+        result = sample(generator)
+        if advance:
+            self.generator_state.copy_(generator.get_state())
+        return result
+
+    def _per_task_tensors(self) -> Iterator[tuple[dict[str, Any], str, Tensor]]:
+        """(slots, name, tensor) of every tensor with one row per task: declared per-task state
+        and the moments of the strategy's own optimizers."""
+        for module in self.modules():
+            if isinstance(module, Strategy):
+                declared = [name for name, per_task in module._states.items() if per_task]
+            elif isinstance(module, TaskParameterOptimizer):
+                declared = list(module._buffers)
+            else:
+                continue
+            for name in declared:
+                for slots in (module._parameters, module._buffers):
+                    tensor = slots.get(name)
+                    if tensor is not None:
+                        yield slots, name, tensor
+
+    # ----------------------------------------------------------------- hooks
+    def check_losses(self, losses: Tensor, index: Tensor) -> None:
+        """Raise :class:`StrategyError` if the method cannot use these (detached) losses of the
+        present tasks, before anything is computed (a log of a negative loss, say)."""
+
+    def before_train_step(self, losses: Tensor, index: Tensor) -> None:
+        """Called at the start of every training step, before the weights, inside the
+        transaction (FAMO takes its delayed logit step here)."""
+
+    def on_train_step(self, losses: Tensor, index: Tensor) -> None:
+        """Called once after each successful training step with the (detached) losses of the
+        present tasks and their positions ``index``; inside the transaction, so a failure or a
+        mixed-precision overflow undoes it with everything else. Never called in evaluation."""
+
+    def end_epoch(self) -> None:
+        """Close a training epoch (DWA and STCH use epochs); a no-op for most methods."""
+
+    def extras(self, index: Tensor) -> dict[str, Tensor]:
+        """Per-task values to report besides losses and weights (present tasks only)."""
+        return {}
+
+    def task_mask(self, index: Tensor) -> Tensor:
+        """``[T]`` bool, true at the positions ``index`` (the present tasks)."""
+        mask = torch.zeros(len(self.tasks), dtype=torch.bool, device=index.device)
+        mask[index] = True
+        return mask
+
+    def first_failing(self, ok: Tensor, index: Tensor) -> tuple[str, int] | None:
+        """``(task, position)`` of the first ``False`` in ``ok`` (one entry per present task),
+        ``None`` if all are true: for :meth:`check_losses` messages. One host sync."""
+        if bool(ok.all()):
+            return None
+        position = ok.tolist().index(False)
+        return self.tasks[int(index[position])], position
 
     # ----------------------------------------------------------------- public protocol
     def backward(
@@ -374,6 +305,18 @@ class Strategy(nn.Module):
         scaler: torch.amp.GradScaler | None = None,
     ) -> StepReport:
         """Fill ``.grad`` of the model's parameters with this strategy's update; return a report."""
+        raise NotImplementedError
+
+    def combine(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared_params: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+    ) -> tuple[Tensor, StepReport]:
+        """The differentiable total and the step's report, for frameworks that call
+        ``total.backward()`` themselves (automatic optimization). ``total.backward()`` then
+        fills the gradients ``backward`` would (up to rounding)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -391,11 +334,37 @@ class Strategy(nn.Module):
                 f"state_dict was saved for tasks {saved}, this strategy has {list(self.tasks)}"
             )
 
-    # ----------------------------------------------------------------- helpers for subclasses
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        state = dict(state_dict)
+        for old, new in _RENAMED_STATE.items():
+            if prefix + old in state and new in self._states and prefix + new not in state:
+                state[prefix + new] = state.pop(prefix + old)
+                if isinstance(state_dict, dict):
+                    state_dict[prefix + new] = state_dict.pop(prefix + old)
+        for name in self._states:
+            saved, current = state.get(prefix + name), getattr(self, name)
+            if isinstance(saved, Tensor) and current.numel() == 0 and saved.shape != current.shape:
+                # A state sized at its first use: take the saved size.
+                setattr(self, name, current.new_zeros(saved.shape, dtype=saved.dtype))
+        self._last_step = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # ----------------------------------------------------------------- the engine
     def gather(self, losses: Mapping[str, Tensor]) -> TaskLosses:
         """Validate ``losses`` and stack the present ones in the strategy's task order."""
         names, parts = validate_losses(losses, self.tasks)
-        _check_graphs(names, parts)
+        check_graphs(names, parts)
         device = parts[0].device
         own = self._state_device()
         if own is not None and own != device:
@@ -406,9 +375,10 @@ class Strategy(nn.Module):
         values = torch.stack(parts)
         index, mask = self._index_and_mask(names, device)
         group = self._sync_group(values)
+        training = self.training and values.requires_grad and torch.is_grad_enabled()
         if group is None:
             check_finite(names, values)
-            return TaskLosses(names, values, index, mask)
+            return TaskLosses(names, values, index, mask, None, tuple(parts), training)
         # One collective: the global mean of every task's loss. The values become the global
         # ones, the gradient stays the local one (DDP averages it in the final backward).
         means, counts = distributed.reduce_losses(values, index, len(self.tasks), group)
@@ -419,8 +389,8 @@ class Strategy(nn.Module):
             self._raise_distributed(names, values, finite, counts, ranks)
         # Stacked per task, so that each row of the Jacobian keeps its own backward root.
         shifts = (means - values.detach()).unbind()
-        values = torch.stack([part + shift for part, shift in zip(parts, shifts)])
-        return TaskLosses(names, values, index, mask, group)
+        parts = [part + shift for part, shift in zip(parts, shifts)]
+        return TaskLosses(names, torch.stack(parts), index, mask, group, tuple(parts), training)
 
     def _sync_group(self, values: Tensor) -> Any:
         """The group to reduce over: only in a training step, so evaluation never communicates."""
@@ -467,13 +437,55 @@ class Strategy(nn.Module):
         yield from self.parameters()
         yield from self.buffers()
 
+    def _refuse_training_combination(self, batch: TaskLosses) -> None:
+        if batch.has_graph and self.training:
+            raise StrategyError(
+                f"{type(self).__name__} needs per-task gradients: train with "
+                "strategy.backward(losses, shared_params=...) or features=... (or combine with "
+                "them); calling the strategy on losses only evaluates (use torch.no_grad() or "
+                ".eval())"
+            )
+
+    def _require_graph(self, batch: TaskLosses) -> None:
+        if not batch.has_graph:
+            raise StrategyError(
+                f"backward needs losses that require grad; task {batch.names[0]!r} has no graph "
+                "(computed under torch.no_grad() or detached?)"
+            )
+
+    def _grad_inputs(
+        self,
+        shared_params: Iterable[Tensor] | None,
+        features: Tensor | Sequence[Tensor] | None,
+    ) -> list[Tensor]:
+        if (shared_params is None) == (features is None):
+            raise StrategyError(
+                f"{type(self).__name__} needs exactly one of shared_params= (the shared "
+                "parameters) or features= (the output of the shared trunk)"
+            )
+        if features is not None:
+            inputs = [features] if isinstance(features, Tensor) else list(features)
+            argument = "features"
+        else:
+            assert shared_params is not None
+            inputs = list(shared_params)
+            argument = "shared_params"
+        if not inputs:
+            raise StrategyError(f"{argument} is empty")
+        for tensor in inputs:
+            if not isinstance(tensor, Tensor) or not tensor.requires_grad:
+                raise StrategyError(f"every tensor in {argument} must require grad")
+        return inputs
+
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, mask: Tensor | None = None) -> Iterator[None]:
         """Restore every parameter and buffer if the block raises: a failed step changes nothing.
 
         Also restores them, without raising, when the block met a mixed-precision overflow
         (non-finite scaled gradients, see :func:`scaled_backward`): ``GradScaler.step`` skips
-        such a step, and the strategy skips it too.
+        such a step, and the strategy skips it too. With ``mask`` (``[T]`` bool, the tasks
+        present), the rows of absent tasks in per-task state are restored when the block
+        succeeds: partial labels change the present tasks' state only.
         """
         saved = [
             (slots, name, tensor, tensor.detach().clone())
@@ -498,45 +510,46 @@ class Strategy(nn.Module):
             outer = _STEP.get()
             if outer is not None:
                 outer.overflow = True
+        elif mask is not None:
+            self._keep_absent_rows(saved, mask)
 
-    def _require_graph(self, batch: TaskLosses) -> None:
-        if not batch.has_graph:
-            raise StrategyError(
-                f"backward needs losses that require grad; task {batch.names[0]!r} has no graph "
-                "(computed under torch.no_grad() or detached?)"
-            )
+    def _keep_absent_rows(
+        self, saved: Sequence[tuple[dict[str, Any], str, Tensor, Tensor]], mask: Tensor
+    ) -> None:
+        before = {(id(slots), name): copy for slots, name, _, copy in saved}
+        with torch.no_grad():
+            for slots, name, tensor in self._per_task_tensors():
+                copy = before.get((id(slots), name))
+                if copy is None or copy.shape != tensor.shape or tensor.dim() == 0:
+                    continue  # sized in this step: the absent rows hold their initial value
+                present = mask.reshape(-1, *([1] * (tensor.dim() - 1)))
+                tensor.copy_(torch.where(present, tensor, copy))
 
-    def _refuse_training_combination(self, batch: TaskLosses) -> None:
-        if batch.has_graph and self.training:
-            raise StrategyError(
-                f"{type(self).__name__} needs per-task gradients: train with "
-                "strategy.backward(losses, shared_params=...) or features=...; calling the "
-                "strategy on losses only evaluates (use torch.no_grad() or .eval())"
-            )
+    def _step_mask(self, batch: TaskLosses) -> Tensor | None:
+        """The mask for :meth:`transaction` when some tasks are absent (no host sync)."""
+        return batch.mask if len(batch.names) < len(self.tasks) else None
 
-    def _grad_inputs(
-        self,
-        shared_params: Iterable[Tensor] | None,
-        features: Tensor | Sequence[Tensor] | None,
-    ) -> list[Tensor]:
-        if (shared_params is None) == (features is None):
-            raise StrategyError(
-                f"{type(self).__name__}.backward needs exactly one of shared_params= (the shared "
-                "parameters) or features= (the output of the shared trunk)"
-            )
-        if features is not None:
-            inputs = [features] if isinstance(features, Tensor) else list(features)
-            argument = "features"
-        else:
-            assert shared_params is not None
-            inputs = list(shared_params)
-            argument = "shared_params"
-        if not inputs:
-            raise StrategyError(f"{argument} is empty")
-        for tensor in inputs:
-            if not isinstance(tensor, Tensor) or not tensor.requires_grad:
-                raise StrategyError(f"every tensor in {argument} must require grad")
-        return inputs
+    def _repeated_step(self, losses: Mapping[str, Tensor]) -> Any:
+        """What the last training step stored, if ``losses`` are its very loss tensors."""
+        last = self._last_step
+        if last is None or not (self.training and torch.is_grad_enabled()):
+            return None
+        refs, stored = last
+        if len(refs) != len(losses):
+            return None
+        if all(name in losses and losses[name] is ref() for name, ref in refs):
+            return stored
+        return None
+
+    def _remember_step(self, losses: Mapping[str, Tensor], stored: Any) -> None:
+        refs = []
+        for name, loss in losses.items():
+            try:
+                refs.append((name, weakref.ref(loss)))
+            except TypeError:  # not weakly referable: this step cannot be recognised again
+                self._last_step = None
+                return
+        self._last_step = (tuple(refs), stored)
 
 
 @dataclass
@@ -548,7 +561,7 @@ class _StepState:
     watched: dict[int, Tensor] = field(default_factory=dict)
 
     def watch(self, root: Tensor) -> None:
-        for leaf in _graph_leaves(root):
+        for leaf in graph_leaves(root):
             self.watched.setdefault(id(leaf), leaf)
 
 
@@ -568,37 +581,25 @@ def _restore(saved: Sequence[tuple[dict[str, Any], str, Tensor, Tensor]]) -> Non
                 slots[name] = copy
 
 
-def _mark_overflow() -> None:
+def mark_overflow() -> None:
+    """Mark the current :meth:`Strategy.transaction` as a mixed-precision overflow."""
     step = _STEP.get()
     if step is not None:
         step.overflow = True
+
+
+def watch(root: Tensor) -> None:
+    """Have the current transaction check, when it ends, the gradients that a scaled backward of
+    ``root`` writes (call it before the backward, while the graph is whole)."""
+    step = _STEP.get()
+    if step is not None:
+        step.watch(root)
 
 
 def overflowed() -> bool:
     """Whether the current :meth:`Strategy.transaction` met a mixed-precision overflow."""
     step = _STEP.get()
     return step is not None and step.overflow
-
-
-def _scaled(total: Tensor, scaler: torch.amp.GradScaler | None) -> Tensor:
-    return total if scaler is None else scaler.scale(total)
-
-
-def _graph_leaves(root: Tensor) -> list[Tensor]:
-    """The leaf tensors (parameters) that ``root``'s graph accumulates gradients into."""
-    leaves: list[Tensor] = []
-    seen: set[Any] = set()
-    stack = [root.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            leaves.append(variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return leaves
 
 
 def _has_nonfinite_grad(tensors: Iterable[Tensor]) -> bool:
@@ -628,13 +629,11 @@ def scaled_backward(total: Tensor, scaler: torch.amp.GradScaler | None) -> None:
     if scaler is None or not scaler.is_enabled():
         total.backward()
         return
-    step = _STEP.get()
-    if step is not None:
-        step.watch(total)  # before the backward, while the graph is whole
+    watch(total)
     scaler.scale(total).backward()
 
 
-def _scale_factor(scaler: torch.amp.GradScaler | None, device: torch.device) -> Tensor | None:
+def loss_scale(scaler: torch.amp.GradScaler | None, device: torch.device) -> Tensor | None:
     """The loss scale of an enabled ``scaler`` as a tensor on ``device``, else ``None``."""
     if scaler is None or not scaler.is_enabled():
         return None
@@ -646,525 +645,4 @@ def _scale_factor(scaler: torch.amp.GradScaler | None, device: torch.device) -> 
     return scale.to(device)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def per_task_jacobian(
-    batch: TaskLosses,
-    inputs: Sequence[Tensor],
-    scaler: torch.amp.GradScaler | None,
-    *,
-    features: bool | None = None,
-) -> Tensor:
-    """Per-task gradients of the present losses w.r.t. ``inputs`` as rows ``[k, P]``, unscaled.
-
-    In a distributed step the rows are the global ones, the same on every rank (see
-    :mod:`taskbalance.distributed`): ``features`` says whether ``inputs`` are per-sample features
-    (default: yes unless every input is a leaf tensor, as parameters are). With an enabled
-    ``scaler``, non-finite rows mark the step as an overflow: the enclosing
-    :meth:`Strategy.transaction` then leaves the strategy's state as it was. Rows of a half
-    precision type (bf16/fp16 autocast) are returned as float32.
-    """
-    return _per_task_rows(batch, inputs, scaler, features)[0]
-
-
-def _per_task_rows(
-    batch: TaskLosses,
-    inputs: Sequence[Tensor],
-    scaler: torch.amp.GradScaler | None,
-    features: bool | None,
-) -> tuple[Tensor, tuple[int, int]]:
-    """The rows of :func:`per_task_jacobian` and the span of this rank's own columns."""
-    if features is None:
-        features = not all(t.grad_fn is None for t in inputs)  # parameters are leaves
-    device = batch.values.device
-    for position, tensor in enumerate(inputs):
-        if tensor.device != device:
-            argument = "features" if features else "shared_params"
-            raise StrategyError(
-                f"{argument}[{position}] is on {tensor.device}, the losses on {device}"
-            )
-    scale = _scale_factor(scaler, device)
-    if scale is None:
-        rows = jacobian(batch.values, inputs)
-    else:
-        step = _STEP.get()
-        if step is not None:
-            # A strategy with its own backward may call plain ``scaler.scale(total).backward()``:
-            # the gradients it writes are checked when the transaction ends.
-            step.watch(batch.values)
-        rows = jacobian(batch.values, inputs, scale=scale)
-        rows = rows.float() / scale if rows.dtype in _HALF else rows / scale
-    if rows.dtype in _HALF:
-        rows = rows.float()  # weights from a float32 Gramian; bf16/fp16 products lose too much
-    span = (0, rows.shape[1])
-    if batch.group is not None:
-        rows, span = distributed.reduce_rows(rows, features=features, group=batch.group)
-    if scale is not None and not bool(torch.isfinite(rows).all()):
-        _mark_overflow()  # after the reduction, so that every rank agrees
-    if not overflowed():
-        _check_rows(batch, inputs, rows, features)
-    return rows, span
-
-
-class LossWeighting(Strategy):
-    """A strategy that turns the loss vector into weights; the update is ``sum(w_i * L_i)``.
-
-    Subclasses implement :meth:`loss_weights` and, when the paper's scalar objective is not the
-    weighted sum itself, :meth:`objective`. The weights must be the gradient of the objective with
-    respect to the losses (the conformance kit checks this), so ``s(losses)`` has the paper's value
-    and the paper's gradient.
-
-    Learned per-task parameters (uncertainty's log-variances, say) are declared with
-    :meth:`add_learned_parameter`. They are trained on the gradient of :meth:`objective` with the
-    strategy's own :class:`TaskParameterOptimizer`, whenever the strategy is in training mode,
-    grad mode is on and the losses carry a graph: in ``backward`` after the model's backward
-    succeeded, and in ``forward`` right away. Nobody has to add them to the model's optimizer, and
-    their ``.grad`` stays ``None``, so a model optimizer that holds them by accident leaves them
-    alone.
-    """
-
-    def __init__(self, tasks: Sequence[str]) -> None:
-        super().__init__(tasks)
-        self._learned: dict[str, TaskParameterOptimizer] = {}
-
-    def add_learned_parameter(
-        self,
-        name: str,
-        initial: Tensor,
-        *,
-        optimizer: Literal["adam", "sgd"] = "adam",
-        lr: float,
-        weight_decay: float = 0.0,
-    ) -> nn.Parameter:
-        """Register a per-task parameter (dimension 0 = tasks) trained by its own optimizer."""
-        # In the default dtype, as nn.Module parameters are (its optimizer's moments are too).
-        parameter = nn.Parameter(initial.detach().clone().to(torch.get_default_dtype()))
-        self.register_parameter(name, parameter)
-        updater = TaskParameterOptimizer(
-            tuple(initial.shape), kind=optimizer, lr=lr, weight_decay=weight_decay
-        )
-        self.add_module(f"{name}_optimizer", updater)
-        self._learned[name] = updater
-        return parameter
-
-    # ----------------------------------------------------------------- to implement
-    def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
-        """Weights for the present tasks (``losses`` detached, ``index`` their positions)."""
-        raise NotImplementedError
-
-    def objective(self, losses: Tensor, index: Tensor) -> Tensor:
-        """The paper's scalar objective of the (detached) losses and the learned parameters."""
-        return (self.loss_weights(losses, index) * losses).sum()
-
-    def extras(self, index: Tensor) -> dict[str, Tensor]:
-        """Per-task values to report besides losses and weights (present tasks only)."""
-        return {}
-
-    # ----------------------------------------------------------------- shared mechanics
-    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """The combined loss: the objective's value, with the gradient ``sum(w_i * grad L_i)``."""
-        batch = self.gather(losses)
-        if self.needs_grads:
-            self._refuse_training_combination(batch)
-        with self.transaction():
-            total, _, commit = self._combine(batch)
-            commit()
-        return total
-
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared_params: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> StepReport:
-        """Backward of the combined loss. ``shared_params``/``features`` are accepted and unused,
-        so that switching to a gradient-level strategy changes no call site."""
-        batch = self.gather(losses)
-        self._require_graph(batch)
-        with self.transaction():
-            total, weights, commit = self._combine(batch)
-            scaled_backward(total, scaler)
-            commit()  # undone by the transaction if the backward overflowed
-        return self.report(batch, weights)
-
-    def report(self, batch: TaskLosses, weights: Tensor) -> StepReport:
-        return StepReport(batch.names, batch.values.detach(), weights, self.extras(batch.index))
-
-    def _learning(self, batch: TaskLosses) -> bool:
-        return bool(self._learned) and self.training and batch.has_graph and torch.is_grad_enabled()
-
-    def _combine(self, batch: TaskLosses) -> tuple[Tensor, Tensor, Callable[[], None]]:
-        """Return (total, weights, commit): commit() applies the learned parameters' update."""
-        values, index = batch.values, batch.index
-        detached = values.detach()
-        commit: Callable[[], None] = _nothing
-        if self._learning(batch):
-            names = list(self._learned)
-            with torch.enable_grad():
-                objective = self.objective(detached, index)
-                grads = torch.autograd.grad(
-                    objective, [getattr(self, n) for n in names], materialize_grads=True
-                )
-            value = objective.detach()
-
-            def commit() -> None:
-                for name, grad in zip(names, grads):
-                    self._learned[name].step(getattr(self, name), grad, batch.mask)
-
-        else:
-            with torch.no_grad():
-                value = self.objective(detached, index)
-        with torch.no_grad():
-            weights = self.loss_weights(detached, index).to(values.dtype)
-        # Same value as the objective, gradient sum_i w_i * grad L_i.
-        total = value.to(values.dtype) + (weights * (values - detached)).sum()
-        return total, weights, commit
-
-
-def _nothing() -> None:
-    return None
-
-
-class GradientAggregation(Strategy):
-    """A strategy that turns per-task gradients into one update direction.
-
-    Most methods are a combination of the task gradients with weights computed from the Gramian
-    ``G = J Jᵀ``: implement :meth:`gramian_weights`. ``backward`` then computes the weights and
-    finishes with one backward of ``sum(w_i * L_i)`` through the normal graph, so heads get their
-    task's weighted gradient and the shared parameters ``Σ w_i g_i``. A method whose output is not
-    such a combination (GradDrop) overrides :meth:`aggregate` instead; ``backward`` then writes
-    the aggregated vector into the shared tensors' gradient.
-
-    With ``features=`` the Jacobian is taken w.r.t. the shared representation (MGDA-UB of
-    Sener & Koltun, 2018): far cheaper, and an approximation of the parameter Jacobian.
-
-    **Per-step problems that can fail.** A method whose weights solve a problem that may have no
-    solution or may not converge (Nash-MTL at a Pareto front, FairGrad with opposite gradients,
-    an iterative solver at its iteration cap) takes an ``on_failure`` argument, hands it to
-    :meth:`add_failure_policy` in its constructor and computes its weights with
-    :meth:`solved`. ``on_failure="reuse"`` then takes the previous step's solution when the
-    solver raises :class:`SolverError` (equal weights when a present task has none yet);
-    ``"raise"`` lets the error end the step, with nothing changed. A fallback is never silent:
-    the first one warns, and the step report carries ``failed`` (1 in a step that fell back)
-    and ``failures`` (the running count, a buffer saved with the state), which
-    ``report.to_dict()`` includes.
-    """
-
-    needs_grads: ClassVar[bool] = True
-    last_weights: Tensor
-    has_last_weights: Tensor
-    failures: Tensor
-
-    on_failure: OnFailure | None = None  # None: the strategy's weights cannot fail
-
-    def add_failure_policy(self, on_failure: OnFailure) -> None:
-        """Declare that this strategy's per-step problem can fail, and how to handle a failure.
-
-        Registers the state the policy needs: ``last_weights`` (the last solution per task),
-        ``has_last_weights`` and ``failures`` (the number of fallbacks so far).
-        """
-        if on_failure not in ("reuse", "raise"):
-            raise StrategyError(f"on_failure must be 'reuse' or 'raise', got {on_failure!r}")
-        self.on_failure = on_failure
-        self._warned_fallback = False
-        count = len(self.tasks)
-        self.register_buffer("last_weights", torch.zeros(count))
-        self.register_buffer("has_last_weights", torch.zeros(count, dtype=torch.bool))
-        self.register_buffer("failures", torch.zeros((), dtype=torch.long))
-
-    def solved(
-        self, solve: Callable[[], Tensor], index: Tensor, *, equal: Literal["mean", "sum"] = "mean"
-    ) -> Tensor:
-        """``solve()``, this step's weights of the present tasks ``index``, under ``on_failure``.
-
-        A solution is stored for the next fallback. On :class:`SolverError` (or a linear-algebra
-        failure) with ``on_failure="reuse"``: :meth:`previous_weights`, counted in
-        ``failures``; the first fallback of a strategy warns. The solver's own host sync
-        reported the failure, so the fallback adds none.
-        """
-        try:
-            with _solver_errors(self):
-                weights = solve()
-        except SolverError as error:
-            if self.on_failure != "reuse":
-                raise
-            with torch.no_grad():
-                self.failures += 1
-            if not self._warned_fallback:
-                self._warned_fallback = True
-                warnings.warn(
-                    f"{type(self).__name__} takes the previous step's weights "
-                    f"(on_failure='reuse'): {error}. Shown once; the step report counts every "
-                    "fallback ('failures'). Pass on_failure='raise' to stop instead.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            return self.previous_weights(index, equal=equal)
-        if self.on_failure is not None:
-            with torch.no_grad():
-                self.last_weights[index] = weights.detach().to(self.last_weights.dtype)
-                self.has_last_weights[index] = True
-        return weights
-
-    def previous_weights(self, index: Tensor, *, equal: Literal["mean", "sum"] = "mean") -> Tensor:
-        """The last stored weights of the tasks ``index``; equal weights (``1/k`` each for
-        ``"mean"``, 1 for ``"sum"``) if any of them has none yet. No host sync."""
-        stored = self.last_weights[index]
-        first = torch.full_like(stored, 1.0 / index.numel() if equal == "mean" else 1.0)
-        return torch.where(self.has_last_weights[index].all(), stored, first)
-
-    def _failure_scalars(self, before: Tensor | None) -> dict[str, Tensor]:
-        if before is None:
-            return {}
-        return {"failed": (self.failures > before).float(), "failures": self.failures.clone()}
-
-    def _failure_count(self) -> Tensor | None:
-        return self.failures.clone() if self.on_failure is not None else None
-
-    # ----------------------------------------------------------------- to implement
-    def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        """Weights of the present tasks from their Gramian ``[k, k]`` and (detached) losses."""
-        raise NotImplementedError
-
-    @classmethod
-    def combines_gradients(cls) -> bool:
-        return cls.gramian_weights is not GradientAggregation.gramian_weights
-
-    def aggregate(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
-        """One update direction ``[P]`` from the Jacobian ``[T, P]`` (rows in ``tasks`` order)."""
-        if not isinstance(jacobian, Tensor) or jacobian.dim() != 2:
-            raise StrategyError("jacobian must be a 2-D tensor [tasks, parameters]")
-        if jacobian.shape[0] != len(self.tasks):
-            raise StrategyError(
-                f"jacobian has {jacobian.shape[0]} rows for tasks {list(self.tasks)}"
-            )
-        if not jacobian.is_floating_point():
-            raise StrategyError(f"jacobian must be floating point, got {jacobian.dtype}")
-        if losses is None:
-            losses = torch.ones(len(self.tasks), dtype=jacobian.dtype, device=jacobian.device)
-        elif not isinstance(losses, Tensor) or losses.shape != (len(self.tasks),):
-            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise StrategyError(f"losses must be a tensor [{len(self.tasks)}], got {shape}")
-        elif losses.device != jacobian.device:
-            raise StrategyError(f"losses are on {losses.device}, the jacobian on {jacobian.device}")
-        if not torch.isfinite(jacobian).all():
-            raise StrategyError("jacobian holds NaN or infinite entries")
-        _check_gramian_range(jacobian, self.tasks)
-        index, _ = self._index_and_mask(self.tasks, jacobian.device)
-        with self.transaction(), _solver_errors(self):
-            return self._aggregate_rows(jacobian, losses, index)
-
-    def _aggregate_rows(
-        self,
-        jacobian: Tensor,
-        losses: Tensor,
-        index: Tensor,
-        features: Sequence[Tensor] | None = None,
-    ) -> Tensor:
-        """The direction from the rows; ``features`` are the tensors the rows were taken w.r.t.
-        on the ``features=`` path (``None`` otherwise), for methods that need them (GradDrop)."""
-        weights = self.gramian_weights(gramian(jacobian), losses, index)
-        return weights.to(jacobian.dtype) @ jacobian
-
-    # ----------------------------------------------------------------- shared mechanics
-    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """Evaluation only: the plain sum of the losses (training needs ``backward``)."""
-        batch = self.gather(losses)
-        self._refuse_training_combination(batch)
-        return batch.values.sum()
-
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared_params: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> StepReport:
-        batch = self.gather(losses)
-        self._require_graph(batch)
-        inputs = self._grad_inputs(shared_params, features)
-        before = self._failure_count()
-        with self.transaction():
-            detached = batch.values.detach()
-            if self.combines_gradients() and _plain_parameters(batch, inputs):
-                scale = _scale_factor(scaler, batch.values.device)
-                # Gramian without the Jacobian where linear layers make that cheaper, and never a
-                # second backward through the trunk (taskbalance.jacobian.gramian_backward).
-                if scale is not None:
-                    step = _STEP.get()
-                    if step is not None:
-                        step.watch(batch.values)  # before any backward, while the graph is whole
-
-                def weights_of(matrix: Tensor) -> Tensor:
-                    if scale is not None and not bool(torch.isfinite(matrix).all()):
-                        _mark_overflow()  # GradScaler skips this step: NaN weights, as below
-                        return torch.full_like(detached, math.nan)
-                    _check_squared(batch, inputs, matrix.diagonal(), features=False)
-                    with _solver_errors(self):
-                        return self.gramian_weights(matrix, detached, batch.index)
-
-                weights = gramian_backward(batch.values, inputs, weights_of, scale=scale)
-                weights = weights.to(batch.values.dtype)
-            else:
-                weights = self._backward_from_rows(batch, inputs, scaler, features is not None)
-        return StepReport(batch.names, detached, weights, scalars=self._failure_scalars(before))
-
-    def _backward_from_rows(
-        self,
-        batch: TaskLosses,
-        inputs: Sequence[Tensor],
-        scaler: torch.amp.GradScaler | None,
-        features: bool,
-    ) -> Tensor:
-        """The step from the per-task rows (features, DDP, half precision, or a method that is
-        not a combination); returns the weights to report."""
-        detached = batch.values.detach()
-        rows, (start, stop) = _per_task_rows(batch, inputs, scaler, features)
-        if overflowed():
-            # GradScaler will skip this step: compute nothing, and make every gradient say
-            # so (NaN) whatever the weights would have been. The report's weights are NaN.
-            weights = torch.full_like(detached, math.nan)
-            scaled_backward((weights * batch.values).sum(), scaler)
-            return weights
-        if self.combines_gradients():
-            with _solver_errors(self):
-                weights = self.gramian_weights(gramian(rows), detached, batch.index)
-            weights = weights.detach().to(batch.values.dtype)
-            scaled_backward((weights * batch.values).sum(), scaler)
-            return weights
-        with _solver_errors(self):
-            direction = self._aggregate_rows(
-                rows, detached, batch.index, inputs if features else None
-            )
-        if stop - start != direction.shape[0]:
-            # features under DDP: this rank's block; DDP's average divides by the ranks
-            direction = direction[start:stop] * distributed.world_size(batch.group)
-        if _plain_parameters(batch, inputs):
-            # The shared parameters get the direction; only the heads are backpropagated.
-            scale = _scale_factor(scaler, batch.values.device)
-            backward_with_direction(batch.values.sum(), inputs, direction, scale=scale)
-        else:
-            _backward_replacing(batch.values.sum(), inputs, direction, scaler)
-        return torch.ones_like(detached)
-
-
-@contextlib.contextmanager
-def _solver_errors(strategy: Strategy) -> Iterator[None]:
-    """A linear-algebra failure on a degenerate Jacobian becomes a StrategyError naming it."""
-    try:
-        yield
-    except torch.linalg.LinAlgError as error:
-        raise SolverError(
-            f"{type(strategy).__name__} could not compute its weights from this Jacobian "
-            f"(degenerate or ill-conditioned Gramian): {error}"
-        ) from error
-
-
-def _check_gramian_range(rows: Tensor, names: Sequence[str]) -> None:
-    """Refuse rows whose Gramian overflows (``‖g_i‖²`` bounds every entry of ``G``)."""
-    squared = rows.square().sum(dim=1)
-    finite = torch.isfinite(squared)
-    if not bool(finite.all()):
-        bad = names[finite.tolist().index(False)]
-        raise StrategyError(
-            f"the gradient of task {bad!r} is not finite or too large: its squared norm "
-            f"overflows {rows.dtype} (scale that loss down)"
-        )
-
-
-def _plain_parameters(batch: TaskLosses, inputs: Sequence[Tensor]) -> bool:
-    """Whether the inputs are leaf tensors (parameters) on the losses' device, in float32/float64,
-    in one process: then the Gramian and the finish of taskbalance.jacobian apply as they are."""
-    device = batch.values.device
-    return (
-        batch.group is None
-        and batch.values.dtype not in _HALF
-        and all(t.is_leaf and t.device == device and t.dtype not in _HALF for t in inputs)
-    )
-
-
-def _check_squared(
-    batch: TaskLosses, inputs: Sequence[Tensor], squared: Tensor, features: bool
-) -> None:
-    """:func:`_check_rows` from the squared row norms (the Gramian's diagonal)."""
-    healthy = torch.cat([torch.isfinite(squared), squared > 0])
-    if bool(healthy.all()):
-        return
-    finite = torch.isfinite(squared)
-    if not bool(finite.all()):
-        bad = batch.names[finite.tolist().index(False)]
-        raise StrategyError(
-            f"the gradient of task {bad!r} is not finite or too large: its squared norm "
-            f"overflows {squared.dtype} (scale that loss down)"
-        )
-    argument = "features" if features else "shared_params"
-    for position in (squared == 0).nonzero().reshape(-1).tolist():
-        if not _task_reaches(batch.values, position, inputs):
-            raise StrategyError(
-                f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
-                f"{argument}; pass tensors that every present task reaches"
-            )
-
-
-def _check_rows(batch: TaskLosses, inputs: Sequence[Tensor], rows: Tensor, features: bool) -> None:
-    """One host sync: the Gramian must not overflow, and every task must reach ``inputs``."""
-    squared = rows.square().sum(dim=1)
-    healthy = torch.cat([torch.isfinite(squared), squared > 0])
-    if bool(healthy.all()):
-        return
-    _check_gramian_range(rows, batch.names)
-    argument = "features" if features else "shared_params"
-    for position in (squared == 0).nonzero().reshape(-1).tolist():
-        # A zero row is legitimate (a dead ReLU, an exact optimum) unless the task's loss does
-        # not depend on the inputs at all: then the caller passed the wrong tensors.
-        if not _task_reaches(batch.values, position, inputs):
-            raise StrategyError(
-                f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
-                f"{argument}; pass tensors that every present task reaches"
-            )
-
-
-def _task_reaches(values: Tensor, position: int, inputs: Sequence[Tensor]) -> bool:
-    """Whether entry ``position`` of the stacked losses depends on any of ``inputs``."""
-    stack = values.grad_fn
-    if stack is None or type(stack).__name__ != "StackBackward0":
-        return True  # not built by gather: assume it does
-    targets = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
-    leaves = {id(t) for t in inputs if t.grad_fn is None}
-    seen: set[int] = set()
-    nodes = [stack.next_functions[position][0]]
-    while nodes:
-        node = nodes.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if id(node) in targets or (variable is not None and id(variable) in leaves):
-            return True
-        nodes.extend(next_node for next_node, _ in node.next_functions)
-    return False
-
-
-def _backward_replacing(
-    total: Tensor, inputs: Sequence[Tensor], direction: Tensor, scaler: torch.amp.GradScaler | None
-) -> None:
-    """Backward of ``total`` with the gradient reaching ``inputs`` replaced by ``direction``."""
-    scale = _scale_factor(scaler, direction.device)
-    if scale is not None:
-        direction = direction * scale
-    pieces = direction.split([t.numel() for t in inputs])
-    handles = [
-        tensor.register_hook(
-            lambda _grad, piece=piece, tensor=tensor: piece.view_as(tensor).to(tensor.dtype)
-        )
-        for tensor, piece in zip(inputs, pieces)
-    ]
-    try:
-        scaled_backward(total, scaler)
-    finally:
-        for handle in handles:
-            handle.remove()
+HALF = (torch.float16, torch.bfloat16)

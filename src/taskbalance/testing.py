@@ -41,14 +41,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from taskbalance.errors import NonFiniteLossError, StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import create_strategy
-from taskbalance.strategy import (
-    GradientAggregation,
-    LossWeighting,
-    NonFiniteLossError,
-    Strategy,
-    StrategyError,
-)
+from taskbalance.strategy import Strategy
 
 __all__ = ["CHECKS", "ToyProblem", "check_strategy"]
 

@@ -8,9 +8,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
 from taskbalance.solvers import solver_dtype
-from taskbalance.strategy import GradientAggregation, StrategyError
 
 ScaleMode = Literal["min", "median", "rmse"]
 

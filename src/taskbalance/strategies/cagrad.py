@@ -8,9 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation, OnFailure
 from taskbalance.registry import register_strategy
 from taskbalance.solvers import cagrad_weights, solver_dtype
-from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError
 
 # g_w counts as zero when ‖g_w‖² ≤ 1e-16 (Σ_i w_i ‖g_i‖)², relative to the size of its terms:
 # below its rounding error from the Gramian.
@@ -19,7 +20,6 @@ _ZERO = 1e-16
 
 @register_strategy(
     "cagrad",
-    stateful=True,  # the last dual solution, for on_failure="reuse"
     paper="Liu, Liu, Jin, Stone & Liu, 'Conflict-Averse Gradient Descent for Multi-task "
     "Learning', NeurIPS 2021, arXiv:2110.14048",
 )

@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from taskbalance.cone import solver_dtype
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
+from taskbalance.solvers import solver_dtype
 from taskbalance.strategies.upgrad import preference_buffer
-from taskbalance.strategy import GradientAggregation, StrategyError
 
 
 @register_strategy(
@@ -72,7 +73,7 @@ class ConFIG(GradientAggregation):
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         k = gramian.shape[0]
         rcond = self.rcond if self.rcond is not None else 10 * k * torch.finfo(gramian.dtype).eps
-        g = gramian.to(solver_dtype(gramian))
+        g = gramian.to(solver_dtype(gramian.device))
         g = 0.5 * (g + g.mT)
         norms = g.diagonal().clamp(min=0).sqrt()
         inverse_norms = torch.where(norms > 0, 1 / norms.clamp(min=torch.finfo(g.dtype).tiny), 0)

@@ -11,7 +11,6 @@ from taskbalance.strategies.upgrad import UPGrad, present_preference
 
 @register_strategy(
     "dualproj",
-    stateful=True,  # the last weights, for on_failure="reuse"
     paper="Quinton & Rey, 'Jacobian Descent for Multi-Objective Optimization', 2024, "
     "arXiv:2406.16232",
 )

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import LossWeighting, StrategyError, TaskLosses
 
 
 @register_strategy(
     "dwa",
     paper="Liu, Johns & Davison, 'End-to-End Multi-Task Learning with Attention', CVPR 2019, "
     "arXiv:1803.10704",
-    stateful=True,
 )
 class DWA(LossWeighting):
     """Dynamic Weight Average: weight each task by how slowly its loss has been falling.
@@ -96,16 +96,16 @@ class DWA(LossWeighting):
         self.temperature = float(temperature)
         self.window = window
         count = len(self.tasks)
-        self.register_buffer("ratio", torch.ones(count))  # w_k, refreshed with the history
+        self.add_state("ratio", torch.ones(count))  # w_k, refreshed with the history
         if window is None:
             # Running mean of the current epoch, and the means of the last two finished epochs.
-            self.register_buffer("epoch_mean", torch.zeros(count))
-            self.register_buffer("epoch_steps", torch.zeros(count, dtype=torch.long))
-            self.register_buffer("previous", torch.ones(count, 2))  # [L(t-2), L(t-1)]
-            self.register_buffer("epochs_seen", torch.zeros(count, dtype=torch.long))
+            self.add_state("epoch_mean", torch.zeros(count))
+            self.add_state("epoch_steps", torch.zeros(count, dtype=torch.long))
+            self.add_state("previous", torch.ones(count, 2))  # [L(t-2), L(t-1)]
+            self.add_state("epochs_seen", torch.zeros(count, dtype=torch.long))
         else:
-            self.register_buffer("recent", torch.ones(count, 2 * window))  # oldest first
-            self.register_buffer("steps_seen", torch.zeros(count, dtype=torch.long))
+            self.add_state("recent", torch.ones(count, 2 * window))  # oldest first
+            self.add_state("steps_seen", torch.zeros(count, dtype=torch.long))
 
     # ----------------------------------------------------------------- the method
     def ratios(self, index: Tensor) -> Tensor:
@@ -147,26 +147,17 @@ class DWA(LossWeighting):
         self.epoch_steps.zero_()
 
     # ----------------------------------------------------------------- bookkeeping
-    def _combine(self, batch: TaskLosses) -> tuple[Tensor, Tensor, Callable[[], None]]:
-        total, weights, commit = super()._combine(batch)
-        if not (self.training and batch.has_graph and torch.is_grad_enabled()):
-            return total, weights, commit
-        values, index = batch.values.detach().to(self._state_dtype), batch.index
-
-        def record() -> None:
-            commit()
-            with torch.no_grad():
-                if self.window is None:
-                    steps = self.epoch_steps[index] + 1
-                    mean = self.epoch_mean[index]
-                    self.epoch_mean[index] = mean + (values - mean) / steps
-                    self.epoch_steps[index] = steps
-                else:
-                    self.recent[index] = torch.cat([self.recent[index, 1:], values[:, None]], 1)
-                    self.steps_seen[index] = (self.steps_seen[index] + 1).clamp(max=2 * self.window)
-                    self._refresh_ratios(index)
-
-        return total, weights, record
+    def on_train_step(self, losses: Tensor, index: Tensor) -> None:
+        values = losses.to(self._state_dtype)
+        if self.window is None:
+            steps = self.epoch_steps[index] + 1
+            mean = self.epoch_mean[index]
+            self.epoch_mean[index] = mean + (values - mean) / steps
+            self.epoch_steps[index] = steps
+        else:
+            self.recent[index] = torch.cat([self.recent[index, 1:], values[:, None]], 1)
+            self.steps_seen[index] = (self.steps_seen[index] + 1).clamp(max=2 * self.window)
+            self._refresh_ratios(index)
 
     @property
     def _state_dtype(self) -> torch.dtype:

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from taskbalance.cone import solver_dtype
+from taskbalance.errors import SolverError, StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation, OnFailure
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import GradientAggregation, OnFailure, SolverError, StrategyError
+from taskbalance.solvers import solver_dtype
 
 _ARMIJO = 1e-4
 _HALVINGS = 30
@@ -34,7 +35,7 @@ def fair_weights(
     """
     if not (alpha > 0 and math.isfinite(alpha)):
         raise StrategyError(f"alpha must be a positive finite number, got {alpha!r}")
-    dtype = solver_dtype(gramian)
+    dtype = solver_dtype(gramian.device)
     g = gramian.to(dtype)
     g = 0.5 * (g + g.mT)
     k = g.shape[0]
@@ -91,7 +92,6 @@ def fair_weights(
 
 @register_strategy(
     "fairgrad",
-    stateful=True,  # the last weights, for on_failure="reuse"
     paper="Ban & Ji, 'Fair Resource Allocation in Multi-Task Learning', ICML 2024, "
     "arXiv:2402.15638",
 )

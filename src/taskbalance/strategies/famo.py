@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from taskbalance.errors import StrategyError
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import (
-    LossWeighting,
-    StrategyError,
-    TaskLosses,
-    TaskParameterOptimizer,
-    per_task_vector,
-)
+from taskbalance.strategy import TaskParameterOptimizer
+from taskbalance.validation import per_task_vector
 
 
 @register_strategy(
     "famo",
     paper="Liu, Feng, Stone & Liu, 'FAMO: Fast Adaptive Multitask Optimization', NeurIPS 2023, "
     "arXiv:2306.03792",
-    stateful=True,
 )
 class FAMO(LossWeighting):
     """FAMO: decrease every task's log-loss at the same rate, with O(1) cost per step.
@@ -118,14 +114,14 @@ class FAMO(LossWeighting):
         self.update_on_next_step = update_on_next_step
         count = len(self.tasks)
         # Trained by update(), not by autograd: no gradient, so a model optimizer ignores it.
-        self.logits = nn.Parameter(torch.zeros(count), requires_grad=False)
+        self.add_state("logits", nn.Parameter(torch.zeros(count), requires_grad=False))
         self.logit_optimizer = TaskParameterOptimizer(
             (count,), kind=optimizer, lr=lr, weight_decay=gamma
         )
         minimum = per_task_vector(min_losses, self.tasks, argument="min_losses")
         self.register_buffer("min_losses", minimum)
-        self.register_buffer("previous_losses", torch.ones(count))
-        self.register_buffer("pending", torch.zeros(count, dtype=torch.bool))
+        self.add_state("previous_losses", torch.ones(count))
+        self.add_state("pending", torch.zeros(count, dtype=torch.bool))
 
     # ----------------------------------------------------------------- the method
     def _gaps(self, losses: Tensor, index: Tensor) -> Tensor:
@@ -159,9 +155,10 @@ class FAMO(LossWeighting):
                 f"update() needs a training step first: no step is waiting for tasks "
                 f"{list(batch.names)} (call strategy.backward(losses) before update)"
             )
-        _require_above_minimum(self, batch)
+        after = batch.values.detach()
+        self.check_losses(after, batch.index)
         with self.transaction():
-            self._step_logits(batch.values.detach(), batch.index)
+            self._step_logits(after, batch.index)
 
     def _step_logits(self, after: Tensor, index: Tensor) -> None:
         """One logit step for the present tasks that wait for theirs (no host sync)."""
@@ -186,33 +183,20 @@ class FAMO(LossWeighting):
         self.logit_optimizer.step(self.logits, grad, mask)
         self.pending[index] = False
 
-    def _combine(self, batch: TaskLosses) -> tuple[Tensor, Tensor, Callable[[], None]]:
-        _require_above_minimum(self, batch)
-        training = self.training and batch.has_graph and torch.is_grad_enabled()
-        detached = batch.values.detach()
-        if training and self.update_on_next_step:
-            with torch.no_grad():  # inside the caller's transaction: undone if the step fails
-                self._step_logits(detached, batch.index)
-        total, weights, commit = super()._combine(batch)
-        if not training:
-            return total, weights, commit
+    def check_losses(self, losses: Tensor, index: Tensor) -> None:
+        # One host sync, the price of failing loudly instead of training on NaN.
+        bad = self.first_failing(losses > self.min_losses[index].to(losses.dtype), index)
+        if bad is not None:
+            name, position = bad
+            raise StrategyError(
+                f"FAMO needs losses above min_losses; loss of task {name!r} is "
+                f"{losses[position].item()}, its minimum {self.min_losses[index[position]].item()}"
+            )
 
-        def remember() -> None:
-            commit()
-            self.previous_losses[batch.index] = detached.to(self.previous_losses.dtype)
-            self.pending[batch.index] = True
+    def before_train_step(self, losses: Tensor, index: Tensor) -> None:
+        if self.update_on_next_step:  # this step's losses are the last step's ℓ_{t+1}
+            self._step_logits(losses, index)
 
-        return total, weights, remember
-
-
-def _require_above_minimum(strategy: FAMO, batch: TaskLosses) -> None:
-    # One host sync, the price of failing loudly instead of training on NaN.
-    values = batch.values.detach()
-    above = values > strategy.min_losses[batch.index].to(values.dtype)
-    if not bool(above.all()):
-        position = above.tolist().index(False)
-        raise StrategyError(
-            f"FAMO needs losses above min_losses; loss of task {batch.names[position]!r} is "
-            f"{values[position].item()}, its minimum "
-            f"{strategy.min_losses[batch.index[position]].item()}"
-        )
+    def on_train_step(self, losses: Tensor, index: Tensor) -> None:
+        self.previous_losses[index] = losses.to(self.previous_losses.dtype)
+        self.pending[index] = True

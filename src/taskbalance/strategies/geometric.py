@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import LossWeighting, StrategyError, TaskLosses
 
 
 @register_strategy(
@@ -47,15 +48,12 @@ class Geometric(LossWeighting):
     def objective(self, losses: Tensor, index: Tensor) -> Tensor:
         return losses.log().mean().exp()
 
-    def _combine(self, batch: TaskLosses) -> tuple[Tensor, Tensor, Callable[[], None]]:
-        _require_positive(batch, "the geometric mean")
-        return super()._combine(batch)
-
-
-def _require_positive(batch: TaskLosses, what: str) -> None:
-    # One host sync, the price of failing loudly instead of training on NaN.
-    positive = batch.values.detach() > 0
-    if not bool(positive.all()):
-        bad = batch.names[positive.tolist().index(False)]
-        value = batch.values[positive.tolist().index(False)].item()
-        raise StrategyError(f"{what} needs positive losses; loss of task {bad!r} is {value}")
+    def check_losses(self, losses: Tensor, index: Tensor) -> None:
+        # One host sync, the price of failing loudly instead of training on NaN.
+        bad = self.first_failing(losses > 0, index)
+        if bad is not None:
+            name, position = bad
+            raise StrategyError(
+                f"the geometric mean needs positive losses; loss of task {name!r} is "
+                f"{losses[position].item()}"
+            )

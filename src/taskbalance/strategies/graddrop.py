@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from taskbalance import distributed
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
-from taskbalance.strategies.gradvac import draw, new_generator_state
-from taskbalance.strategy import GradientAggregation, StrategyError, per_task_vector
+from taskbalance.validation import per_task_vector
 
 
 @register_strategy(
@@ -18,7 +19,6 @@ from taskbalance.strategy import GradientAggregation, StrategyError, per_task_ve
     paper="Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, 'Just Pick a Sign: "
     "Optimizing Deep Multitask Models with Gradient Sign Dropout', NeurIPS 2020, "
     "arXiv:2010.06808",
-    stateful=True,
 )
 class GradDrop(GradientAggregation):
     """GradDrop: per element, keep only the positive or only the negative task gradients.
@@ -53,12 +53,12 @@ class GradDrop(GradientAggregation):
       paper does not study (LibMTL refuses it).
 
     Random numbers: each step draws one seed from a CPU generator whose state is the buffer
-    ``rng_state`` (seeded with ``seed``), then ``U`` on the gradients' device from it: a resumed
-    run draws the same masks, and so does every rank (the same ``seed``), for the global tensor.
+    ``generator_state`` (seeded with ``seed``, default 0), then ``U`` on the gradients' device
+    from it: a resumed run draws the same masks, and so does every rank (the same ``seed``), for
+    the global tensor.
     """
 
     leak: Tensor
-    rng_state: Tensor
 
     deterministic = False
 
@@ -73,14 +73,12 @@ class GradDrop(GradientAggregation):
         leaks = per_task_vector(leak, self.tasks, argument="leak")
         if ((leaks < 0) | (leaks > 1)).any():
             raise StrategyError(f"leak must be in [0, 1], got {leaks.tolist()}")
-        if not isinstance(seed, int):
-            raise StrategyError(f"seed must be an integer, got {seed!r}")
         # A constructor argument, not state: kept out of the state_dict.
         self.register_buffer("leak", leaks, persistent=False)
-        self.register_buffer("rng_state", new_generator_state(seed))
+        self.add_random_state(seed)
 
     def _uniform(self, shape: Sequence[int], like: Tensor) -> Tensor:
-        seed = draw(self.rng_state, lambda gen: torch.randint(2**62, (), generator=gen))
+        seed = self.draw(lambda generator: torch.randint(2**62, (), generator=generator))
         generator = torch.Generator(device=like.device).manual_seed(int(seed))
         return torch.rand(tuple(shape), generator=generator, device=like.device, dtype=like.dtype)
 
@@ -113,7 +111,7 @@ class GradDrop(GradientAggregation):
             + torch.where(purity < uniform, kept_negative, zero)
         )
 
-    def _aggregate_rows(
+    def aggregate_rows(
         self,
         jacobian: Tensor,
         losses: Tensor,

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import (
-    LossWeighting,
-    StepReport,
-    StrategyError,
-    TaskParameterOptimizer,
-    per_task_jacobian,
-)
+from taskbalance.strategy import TaskParameterOptimizer
 
 _MIN_WEIGHT = 1e-6  # weights are kept positive: clamped here before renormalising
 
@@ -25,7 +21,6 @@ _MIN_WEIGHT = 1e-6  # weights are kept positive: clamped here before renormalisi
     "gradnorm",
     paper="Chen, Badrinarayanan, Lee & Rabinovich, 'GradNorm: Gradient Normalization for "
     "Adaptive Loss Balancing in Deep Multitask Networks', ICML 2018, arXiv:1711.02257",
-    stateful=True,
 )
 class GradNorm(LossWeighting):
     """GradNorm: learn task weights so that the weighted gradient norms train tasks at equal rates.
@@ -76,46 +71,29 @@ class GradNorm(LossWeighting):
             raise StrategyError(f"alpha must be a finite number >= 0, got {alpha!r}")
         self.alpha = alpha
         count = len(self.tasks)
-        self.register_buffer("task_weights", torch.ones(count))
-        self.register_buffer("initial_losses", torch.ones(count))
-        self.register_buffer("seen", torch.zeros(count, dtype=torch.bool))
+        self.add_state("task_weights", torch.ones(count))
+        self.add_state("initial_losses", torch.ones(count))
+        self.add_state("seen", torch.zeros(count, dtype=torch.bool))
         self.weight_optimizer = TaskParameterOptimizer((count,), kind=optimizer, lr=lr)
 
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
         return self.task_weights[index]
 
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared_params: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> StepReport:
-        batch = self.gather(losses)
-        self._require_graph(batch)
-        inputs = self._grad_inputs(shared_params, features)
-        index, mask = batch.index, batch.mask
-        with self.transaction():
-            dtype = self.task_weights.dtype
-            norms = per_task_jacobian(batch, inputs, scaler).norm(dim=1).to(dtype)
-            current = self.loss_weights(batch.values, index).clone()
-            detached = batch.values.detach().to(dtype)
-            initial = torch.where(self.seen[index], self.initial_losses[index], detached)
-            ratios = detached / initial
-            rates = ratios / ratios.mean()
-            weighted_norms = current * norms
-            target = weighted_norms.mean() * rates**self.alpha
-            grad = torch.zeros_like(self.task_weights)
-            grad[index] = torch.sign(weighted_norms - target) * norms
-
-            total = (current.to(batch.values.dtype) * batch.values).sum()
-            (total if scaler is None else scaler.scale(total)).backward()
-
-            with torch.no_grad():
-                self.initial_losses[index] = initial
-                self.seen[index] = True
-                self.weight_optimizer.step(self.task_weights, grad, mask)
-                updated = self.task_weights[index].clamp(min=_MIN_WEIGHT)
-                self.task_weights[index] = updated * (current.sum() / updated.sum())
-        return self.report(batch, current)
+    def on_gradients(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> None:
+        # One step of w on L_grad, from the weights this step trains with (computed before).
+        dtype = self.task_weights.dtype
+        norms = jacobian.norm(dim=1).to(dtype)
+        current = self.task_weights[index]
+        losses = losses.to(dtype)
+        initial = torch.where(self.seen[index], self.initial_losses[index], losses)
+        ratios = losses / initial
+        rates = ratios / ratios.mean()
+        weighted_norms = current * norms
+        target = weighted_norms.mean() * rates**self.alpha
+        grad = torch.zeros_like(self.task_weights)
+        grad[index] = torch.sign(weighted_norms - target) * norms
+        self.initial_losses[index] = initial
+        self.seen[index] = True
+        self.weight_optimizer.step(self.task_weights, grad, self.task_mask(index))
+        updated = self.task_weights[index].clamp(min=_MIN_WEIGHT)
+        self.task_weights[index] = updated * (current.sum() / updated.sum())

@@ -3,36 +3,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from taskbalance.cone import solver_dtype
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import GradientAggregation, StrategyError
-
-
-def new_generator_state(seed: int) -> Tensor:
-    """The state of a CPU ``torch.Generator`` seeded with ``seed`` (a uint8 tensor)."""
-    return torch.Generator().manual_seed(seed).get_state()
-
-
-def draw(state: Tensor, sample: Callable[[torch.Generator], Tensor]) -> Tensor:
-    """Run ``sample(generator)`` on a CPU generator restored from the buffer ``state``, then
-    store the advanced generator state back in ``state`` (so a resumed run draws the same)."""
-    generator = torch.Generator()
-    generator.set_state(state.detach().cpu())  # a small copy; a sync if the buffer is on a GPU
-    result = sample(generator)
-    state.copy_(generator.get_state())
-    return result
+from taskbalance.solvers import solver_dtype
 
 
 @register_strategy(
     "gradvac",
     paper="Wang, Tsvetkov, Firat & Cao, 'Gradient Vaccine: Investigating and Improving "
     "Multi-task Optimization in Massively Multilingual Models', ICLR 2021, arXiv:2010.05874",
-    stateful=True,
 )
 class GradVac(GradientAggregation):
     """GradVac: raise each pair's gradient cosine to an adaptive target, PCGrad-style.
@@ -74,7 +59,6 @@ class GradVac(GradientAggregation):
     """
 
     targets: Tensor
-    rng_state: Tensor
 
     deterministic = False
 
@@ -86,19 +70,17 @@ class GradVac(GradientAggregation):
             raise StrategyError(f"beta must be a number in (0, 1], got {beta!r}")
         if not (math.isfinite(eps) and eps > 0):
             raise StrategyError(f"eps must be a positive finite number, got {eps!r}")
-        if not isinstance(seed, int):
-            raise StrategyError(f"seed must be an integer, got {seed!r}")
         self.beta, self.eps = float(beta), eps
         count = len(self.tasks)
-        self.register_buffer("targets", torch.zeros(count, count))
-        self.register_buffer("rng_state", new_generator_state(seed))
+        self.add_state("targets", torch.zeros(count, count))
+        self.add_random_state(seed)
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         k = gramian.shape[0]
-        dtype = solver_dtype(gramian)
+        dtype = solver_dtype(gramian.device)
         g = gramian.to(dtype)
         device = g.device
-        keys = draw(self.rng_state, lambda gen: torch.rand(k, k, generator=gen)).to(device)
+        keys = self.draw(lambda generator: torch.rand(k, k, generator=generator)).to(device)
         # Row i: the other tasks in random order (the diagonal key 2 sorts i itself last).
         order = keys.masked_fill(torch.eye(k, dtype=torch.bool, device=device), 2.0).argsort(1)
         rows = torch.arange(k, device=device)

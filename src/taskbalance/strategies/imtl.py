@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
 from taskbalance.strategies.imtl_g import PAPER, imtl_g_weights
-from taskbalance.strategy import (
-    GradientAggregation,
-    StepReport,
-    StrategyError,
-    TaskParameterOptimizer,
-)
+from taskbalance.strategy import TaskParameterOptimizer
 
 
-@register_strategy("imtl", paper=PAPER, stateful=True)
+@register_strategy("imtl", paper=PAPER)
 class Imtl(GradientAggregation):
     """IMTL (hybrid): IMTL-G applied to the gradients of IMTL-L's scaled losses.
 
@@ -35,8 +32,8 @@ class Imtl(GradientAggregation):
     ``s_i = −log L_i``), with its own :class:`~taskbalance.strategy.TaskParameterOptimizer`
     (Adam, ``lr = 1e-3``, ``init = 0``: the same defaults as ``imtl_l``; the paper trains ``s``
     with the network's optimizer, so pass the model's learning rate as ``lr`` to mirror it).
-    The step of ``s`` is taken in ``backward`` after the model's backward succeeded, from the
-    weights computed with the old ``s``; ``aggregate`` only reads ``s``. Absent tasks (partial
+    The step of ``s`` is taken after each successful training step (``on_train_step``), from
+    the weights computed with the old ``s``; ``aggregate`` only reads ``s``. Absent tasks (partial
     labels) keep their ``s`` and its Adam moments. ``s`` is reported as ``scale``.
 
     Differences from the paper, both from this package's one-backward design: the task heads
@@ -57,7 +54,9 @@ class Imtl(GradientAggregation):
             raise StrategyError(f"init must be a finite number, got {init!r}")
         count = len(self.tasks)
         # Trained by scale_optimizer below, never by autograd: no .grad, not in any optimizer.
-        self.scale = nn.Parameter(torch.full((count,), float(init)), requires_grad=False)
+        self.add_state(
+            "scale", nn.Parameter(torch.full((count,), float(init)), requires_grad=False)
+        )
         self.scale_optimizer = TaskParameterOptimizer((count,), kind=optimizer, lr=lr)
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
@@ -65,26 +64,10 @@ class Imtl(GradientAggregation):
         alpha = imtl_g_weights(gramian * torch.outer(factors, factors))
         return alpha * factors
 
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared_params: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> StepReport:
-        with self.transaction():
-            report = super().backward(
-                losses, shared_params=shared_params, features=features, scaler=scaler
-            )
-            index, mask = self._index_and_mask(report.tasks, report.loss_values.device)
-            grad = torch.zeros_like(self.scale)
-            values = report.loss_values.to(grad.dtype)
-            grad[index] = torch.exp(self.scale[index]) * values - 1  # d(e^s L − s)/ds
-            self.scale_optimizer.step(self.scale, grad, mask)
-        return StepReport(
-            report.tasks,
-            report.loss_values,
-            report.weight_values,
-            {"scale": self.scale.detach()[index]},
-        )
+    def on_train_step(self, losses: Tensor, index: Tensor) -> None:
+        grad = torch.zeros_like(self.scale)
+        grad[index] = torch.exp(self.scale[index]) * losses.to(grad.dtype) - 1  # d(e^s L − s)/ds
+        self.scale_optimizer.step(self.scale, grad, self.task_mask(index))
+
+    def extras(self, index: Tensor) -> dict[str, Tensor]:
+        return {"scale": self.scale.detach()[index]}

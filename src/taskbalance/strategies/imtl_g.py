@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
 from taskbalance.solvers import solver_dtype
-from taskbalance.strategy import GradientAggregation
 
 PAPER = (
     "Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, 'Towards Impartial Multi-task Learning', "

@@ -8,8 +8,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import LossWeighting, StrategyError
 
 _PAPER = (
     "Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, 'Towards Impartial Multi-task Learning', "
@@ -17,7 +18,7 @@ _PAPER = (
 )
 
 
-@register_strategy("imtl_l", paper=_PAPER, stateful=True)
+@register_strategy("imtl_l", paper=_PAPER)
 class ImtlL(LossWeighting):
     """IMTL-L: learned loss scales that make every task's scaled loss constant.
 

@@ -8,9 +8,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation, OnFailure
 from taskbalance.registry import register_strategy
 from taskbalance.solvers import min_norm_weights
-from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -18,7 +19,6 @@ _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 @register_strategy(
     "mgda",
-    stateful=True,  # the last weights, for on_failure="reuse"
     paper="Sener & Koltun, 'Multi-Task Learning as Multi-Objective Optimization', NeurIPS 2018, "
     "arXiv:1810.04650",
 )

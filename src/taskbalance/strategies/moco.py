@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import GradientAggregation, StepReport, StrategyError
 
 
 def project_to_simplex(vector: Tensor) -> Tensor:
@@ -32,9 +33,10 @@ def project_to_simplex(vector: Tensor) -> Tensor:
 class TrackedGradients(GradientAggregation):
     """Base for strategies that keep a running per-task gradient ``[T, P]`` in a buffer.
 
-    ``P`` is known only at the first step, so the buffer ``tracked`` starts empty and is sized
-    then; ``load_state_dict`` resizes it to the saved shape. A later step with another ``P``
-    (say ``features=`` with a smaller last batch) raises :class:`~taskbalance.StrategyError`.
+    ``P`` is known only at the first step, so the state ``tracked`` starts empty and is sized
+    then (``load_state_dict`` resizes it to the saved shape, see :meth:`Strategy.add_state`). A
+    later step with another ``P`` (say ``features=`` with a smaller last batch) raises
+    :class:`~taskbalance.StrategyError`.
     """
 
     tracked: Tensor
@@ -42,8 +44,8 @@ class TrackedGradients(GradientAggregation):
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__(tasks)
-        self.register_buffer("tracked", torch.zeros(0, 0))
-        self.register_buffer("steps", torch.zeros(len(self.tasks)))
+        self.add_state("tracked", torch.zeros(0, 0))
+        self.add_state("steps", torch.zeros(len(self.tasks)))
 
     def _tracked(self, jacobian: Tensor) -> Tensor:
         size = jacobian.shape[1]
@@ -74,29 +76,11 @@ class TrackedGradients(GradientAggregation):
         tracked[index] = rows
         return rows
 
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        saved = state_dict.get(prefix + "tracked")
-        if isinstance(saved, Tensor) and saved.shape != self.tracked.shape:
-            self.tracked = torch.zeros(saved.shape, dtype=saved.dtype, device=self.tracked.device)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
 
 @register_strategy(
     "moco",
     paper="Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, 'Mitigating Gradient Bias in "
     "Multi-objective Learning: A Provably Convergent Approach', ICLR 2023, arXiv:2210.12624",
-    stateful=True,
 )
 class MoCo(TrackedGradients):
     """MoCo: MGDA on tracked (bias-corrected) gradients, with the weights updated by a step.
@@ -156,10 +140,10 @@ class MoCo(TrackedGradients):
         self.gamma, self.gamma_sigma, self.rho = float(gamma), float(gamma_sigma), float(rho)
         self.normalization = normalization
         count = len(self.tasks)
-        self.register_buffer("lambdas", torch.full((count,), 1.0 / count))
-        self.register_buffer("lambda_steps", torch.zeros(()))
+        self.add_state("lambdas", torch.full((count,), 1.0 / count))
+        self.add_state("lambda_steps", torch.zeros(()), per_task=False)
 
-    def _aggregate_rows(
+    def aggregate_rows(
         self,
         jacobian: Tensor,
         losses: Tensor,
@@ -184,17 +168,6 @@ class MoCo(TrackedGradients):
         self.lambdas[index] = (share * mass).to(self.lambdas.dtype)
         return (share @ y).to(jacobian.dtype)
 
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared_params: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> StepReport:
-        report = super().backward(
-            losses, shared_params=shared_params, features=features, scaler=scaler
-        )
-        index, _ = self._index_and_mask(report.tasks, report.loss_values.device)
+    def report_weights(self, losses: Tensor, index: Tensor) -> Tensor:
         lambdas = self.lambdas[index]
-        return StepReport(report.tasks, report.loss_values, lambdas / lambdas.sum())
+        return lambdas / lambdas.sum()

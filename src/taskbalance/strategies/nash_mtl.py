@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from taskbalance.jacobian import backward_with_direction
-from taskbalance.registry import register_strategy
-from taskbalance.solvers import nash_weights, solver_dtype
-from taskbalance.strategy import (
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import (
     GradientAggregation,
     OnFailure,
-    StepReport,
-    StrategyError,
-    _plain_parameters,
-    _scale_factor,
-    overflowed,
-    per_task_jacobian,
-    scaled_backward,
 )
-
-_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: max_norm / (‖d‖ + 1e-6)
+from taskbalance.registry import register_strategy
+from taskbalance.solvers import nash_weights
 
 
 @register_strategy(
     "nash_mtl",
     paper="Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, 'Multi-Task Learning "
     "as a Bargaining Game', ICML 2022, arXiv:2202.01017",
-    stateful=True,
 )
 class NashMTL(GradientAggregation):
     """Nash-MTL: the Nash bargaining solution among the tasks.
@@ -114,73 +103,22 @@ class NashMTL(GradientAggregation):
         self.max_norm = float(max_norm)
         self.optim_niter = optim_niter
         self.tol = float(tol)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.add_state("step", torch.zeros((), dtype=torch.long), per_task=False)
 
     def _reuses(self) -> bool:
         every = self.update_weights_every
         return every > 1 and int(self.step) % every != 0  # one host sync, only when every > 1
 
-    def _clipped(self, alpha: Tensor, squared_norm: Tensor) -> Tensor:
-        """``α · min(1, max_norm / (‖d‖ + 1e-6))``: clip_grad_norm_ of ``d``, folded into α."""
-        if self.max_norm == 0:
-            return alpha
-        norm = squared_norm.clamp(min=0).sqrt()
-        return alpha * (self.max_norm / (norm + _CLIP_EPS)).clamp(max=1.0).to(alpha.dtype)
+    def reused_weights(self, losses: Tensor, index: Tensor) -> Tensor | None:
+        if not self._reuses():
+            return None
+        self.step += 1
+        return self.previous_weights(index, equal="sum")
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        if self._reuses():
-            alpha = self.previous_weights(index, equal="sum")
-        else:
-            alpha = self.solved(
-                lambda: nash_weights(gramian, tol=self.tol, max_iter=self.optim_niter),
-                index,
-                equal="sum",
-            )
-        with torch.no_grad():
-            self.step += 1
-        work = alpha.to(solver_dtype(gramian.device))
-        squared_norm = work @ gramian.to(work.dtype) @ work  # ‖d‖² of this step's gradients
-        return self._clipped(alpha, squared_norm).to(gramian.dtype)
-
-    def backward(
-        self,
-        losses: Mapping[str, Tensor],
-        *,
-        shared_params: Iterable[Tensor] | None = None,
-        features: Tensor | Sequence[Tensor] | None = None,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> StepReport:
-        if not self._reuses():
-            return super().backward(
-                losses, shared_params=shared_params, features=features, scaler=scaler
-            )
-        # A step between solves: the stored α, and no per-task gradients.
-        batch = self.gather(losses)
-        self._require_graph(batch)
-        inputs = self._grad_inputs(shared_params, features)
-        before = self._failure_count()
-        with self.transaction():
-            weights = self.previous_weights(batch.index, equal="sum").to(batch.values.dtype)
-            direction = None
-            if self.max_norm > 0:
-                # The official code clips every step with that step's gradients: ‖Σ α_i g_i‖.
-                combined = dataclasses.replace(
-                    batch, names=("nash_mtl",), values=torch.stack([weights @ batch.values])
-                )
-                direction = per_task_jacobian(combined, inputs, scaler)[0]
-                factor = self._clipped(torch.ones_like(weights[:1]), direction.square().sum())
-                weights = weights * factor
-                direction = direction * factor.to(direction.dtype)
-            if overflowed():  # GradScaler skips this step: NaN gradients and weights
-                weights = torch.full_like(weights, math.nan)
-            total = (weights * batch.values).sum()
-            if direction is not None and not overflowed() and _plain_parameters(batch, inputs):
-                # The shared parameters get the clipped d; only the heads are backpropagated.
-                scale = _scale_factor(scaler, total.device)
-                backward_with_direction(total, inputs, direction, scale=scale)
-            else:
-                scaled_backward(total, scaler)
-            with torch.no_grad():
-                self.step += 1
-        scalars = self._failure_scalars(before)
-        return StepReport(batch.names, batch.values.detach(), weights, scalars=scalars)
+        self.step += 1
+        return self.solved(
+            lambda: nash_weights(gramian, tol=self.tol, max_iter=self.optim_niter),
+            index,
+            equal="sum",
+        )

@@ -8,15 +8,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import GradientAggregation, StrategyError
 
 
 @register_strategy(
     "pcgrad",
     paper="Yu, Kumar, Gupta, Levine, Hausman & Finn, 'Gradient Surgery for Multi-Task "
     "Learning', NeurIPS 2020, arXiv:2001.06782",
-    stateful=True,
 )
 class PCGrad(GradientAggregation):
     """PCGrad: project each task gradient off the gradients it conflicts with.
@@ -52,7 +52,6 @@ class PCGrad(GradientAggregation):
     """
 
     deterministic = False
-    generator_state: Tensor
 
     def __init__(
         self,
@@ -64,18 +63,12 @@ class PCGrad(GradientAggregation):
         super().__init__(tasks)
         if reduction not in ("sum", "mean"):
             raise StrategyError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        if not isinstance(seed, int):
-            raise StrategyError(f"seed must be an integer, got {seed!r}")
         self.reduction = reduction
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("generator_state", generator.get_state())
+        self.add_random_state(seed)
 
     def _orders(self, count: int, device: torch.device) -> Tensor:
         """``[count, count − 1]``: row ``i`` is a random order of the tasks other than ``i``."""
-        generator = torch.Generator()
-        generator.set_state(self.generator_state.cpu())
-        keys = torch.rand(count, count, generator=generator)
-        self.generator_state.copy_(generator.get_state())
+        keys = self.draw(lambda generator: torch.rand(count, count, generator=generator))
         keys.fill_diagonal_(2.0)  # self sorts last and is dropped
         return keys.argsort(dim=1)[:, : count - 1].to(device)
 

@@ -9,8 +9,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import LossWeighting, StrategyError, TaskLosses
 
 Distribution = Literal["normal", "uniform", "dirichlet", "bernoulli", "constrained_bernoulli"]
 _DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "bernoulli", "constrained_bernoulli")
@@ -20,7 +21,6 @@ _DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "bernoulli", "constrained_be
     "rlw",
     paper="Lin, Ye, Zhang & Tsang, 'Reasonable Effectiveness of Random Weighting: A "
     "Litmus Test for Multi-Task Learning', TMLR 2022, arXiv:2111.10603",
-    stateful=True,
 )
 class RLW(LossWeighting):
     """Random loss weighting: fresh random task weights at every training step.
@@ -44,12 +44,12 @@ class RLW(LossWeighting):
     distributions are this package's (weights on the simplex); check them against the paper's
     tables before comparing numbers with it.
 
-    **Randomness and resuming.** The draws come from a private ``torch.Generator`` (on the
-    CPU) whose state lives in the ``generator_state`` buffer: ``state_dict()`` carries it, so a
-    resumed run draws exactly the weights an uninterrupted one would. ``seed=None`` (default)
-    takes the seed from torch's global generator at construction (so ``torch.manual_seed``
-    before building makes runs reproducible); with ``DistributedDataParallel`` pass the same
-    ``seed`` on every rank so that all ranks draw the same weights.
+    **Randomness and resuming.** The package's one convention for random strategies
+    (:meth:`~taskbalance.Strategy.add_random_state`): ``seed: int = 0``, a private CPU
+    ``torch.Generator`` whose state is the ``generator_state`` buffer. ``state_dict()`` carries
+    it, so a resumed run draws exactly the weights an uninterrupted one would, and the same
+    ``seed`` on every rank draws the same weights under DDP. ``torch.manual_seed`` does not
+    change the draws: pass a different ``seed`` per run of a seed sweep.
 
     **One draw per step, committed with the step.** A training step (training mode, grad
     enabled, losses with a graph) draws once; the generator advances only when the step
@@ -73,8 +73,6 @@ class RLW(LossWeighting):
         tensor(2.)
     """
 
-    generator_state: Tensor
-
     deterministic: ClassVar[bool] = False
 
     def __init__(
@@ -83,7 +81,7 @@ class RLW(LossWeighting):
         *,
         distribution: Distribution = "normal",
         total: float = 1.0,
-        seed: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(tasks)
         if distribution not in _DISTRIBUTIONS:
@@ -93,54 +91,39 @@ class RLW(LossWeighting):
             )
         if not (isinstance(total, (int, float)) and math.isfinite(total) and total > 0):
             raise StrategyError(f"total must be a positive number, got {total!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise StrategyError(f"seed must be an int or None, got {seed!r}")
         self.distribution = distribution
         self.total = float(total)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.long))
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("generator_state", generator.get_state())
+        self.add_random_state(seed)
 
-    def draw(self, count: int) -> tuple[Tensor, Tensor]:
-        """The next ``count`` weights (float32, CPU) and the generator state after drawing them.
+    def _sample(self, count: int) -> Callable[[torch.Generator], Tensor]:
+        """The draw of ``count`` weights (float32, CPU) from a generator."""
 
-        Pure: the strategy's own state is not changed.
-        """
-        generator = torch.Generator()
-        generator.set_state(self.generator_state.cpu())
-        if self.distribution == "normal":
-            weights = torch.softmax(torch.randn(count, generator=generator), dim=0)
-        elif self.distribution == "uniform":
-            weights = torch.softmax(torch.rand(count, generator=generator), dim=0)
-        elif self.distribution == "dirichlet":
-            gammas = torch.empty(count).exponential_(generator=generator)
-            weights = gammas / gammas.sum()
-        elif self.distribution == "bernoulli":
-            picked = (torch.rand(count, generator=generator) < 0.5).float()
-            weights = picked / picked.sum().clamp(min=1.0)
-        else:
-            chosen = torch.randint(count, (), generator=generator)
-            weights = torch.nn.functional.one_hot(chosen, count).float()
-        return self.total * weights, generator.get_state()
+        def sample(generator: torch.Generator) -> Tensor:
+            if self.distribution == "normal":
+                weights = torch.softmax(torch.randn(count, generator=generator), dim=0)
+            elif self.distribution == "uniform":
+                weights = torch.softmax(torch.rand(count, generator=generator), dim=0)
+            elif self.distribution == "dirichlet":
+                gammas = torch.empty(count).exponential_(generator=generator)
+                weights = gammas / gammas.sum()
+            elif self.distribution == "bernoulli":
+                picked = (torch.rand(count, generator=generator) < 0.5).float()
+                weights = picked / picked.sum().clamp(min=1.0)
+            else:
+                chosen = torch.randint(count, (), generator=generator)
+                weights = torch.nn.functional.one_hot(chosen, count).float()
+            return self.total * weights
+
+        return sample
 
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
-        weights, _ = self.draw(losses.numel())
+        # The next draw, without using it up: on_train_step does, once the step succeeded.
+        weights = self.draw(self._sample(losses.numel()), advance=False)
         return weights.to(device=losses.device, dtype=losses.dtype)
 
-    def _combine(self, batch: TaskLosses) -> tuple[Tensor, Tensor, Callable[[], None]]:
-        values = batch.values
-        if self.training and batch.has_graph and torch.is_grad_enabled():
-            weights, state = self.draw(values.numel())
+    def eval_weights(self, losses: Tensor, index: Tensor) -> Tensor:
+        mean = torch.full((losses.numel(),), self.total / losses.numel())
+        return mean.to(device=losses.device, dtype=losses.dtype)
 
-            def commit() -> None:
-                self.generator_state.copy_(state)
-
-        else:
-            weights, commit = torch.full((values.numel(),), self.total / values.numel()), _nothing
-        weights = weights.to(device=values.device, dtype=values.dtype)
-        return (weights * values).sum(), weights, commit
-
-
-def _nothing() -> None:
-    return None
+    def on_train_step(self, losses: Tensor, index: Tensor) -> None:
+        self.draw(self._sample(losses.numel()))

@@ -7,8 +7,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import LossWeighting, StrategyError, per_task_vector
+from taskbalance.validation import per_task_vector
 
 
 @register_strategy("static", paper="(baseline) fixed weighted sum of the task losses")

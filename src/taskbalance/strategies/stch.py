@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from taskbalance.errors import StrategyError
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import LossWeighting, StrategyError, TaskLosses, per_task_vector
+from taskbalance.validation import per_task_vector
 
 
 @register_strategy(
     "stch",
     paper="Lin, Zhang, Yang, Liu, Wang & Zhang, 'Smooth Tchebycheff Scalarization for "
     "Multi-Objective Optimization', ICML 2024, arXiv:2402.19078",
-    stateful=True,
 )
 class STCH(LossWeighting):
     """Smooth Tchebycheff scalarization: a smooth maximum of the preference-weighted gaps.
@@ -107,11 +108,11 @@ class STCH(LossWeighting):
             self.register_buffer("ideal_point", point.log() if log_losses else point)
             self.register_buffer("ideal_ready", torch.ones(count, dtype=torch.bool))
         else:
-            self.register_buffer("ideal_point", torch.zeros(count))
-            self.register_buffer("ideal_ready", torch.zeros(count, dtype=torch.bool))
-        self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
-        self.register_buffer("epoch_mean", torch.zeros(count))
-        self.register_buffer("epoch_steps", torch.zeros(count, dtype=torch.long))
+            self.add_state("ideal_point", torch.zeros(count))
+            self.add_state("ideal_ready", torch.zeros(count, dtype=torch.bool))
+        self.add_state("epochs_done", torch.zeros((), dtype=torch.long), per_task=False)
+        self.add_state("epoch_mean", torch.zeros(count))
+        self.add_state("epoch_steps", torch.zeros(count, dtype=torch.long))
 
     # ----------------------------------------------------------------- the method
     def _objectives(self, losses: Tensor) -> Tensor:
@@ -155,35 +156,25 @@ class STCH(LossWeighting):
         self.epochs_done += 1
 
     # ----------------------------------------------------------------- bookkeeping
-    def _combine(self, batch: TaskLosses) -> tuple[Tensor, Tensor, Callable[[], None]]:
-        if self.log_losses:
-            _require_positive(batch)
-        total, weights, commit = super()._combine(batch)
-        training = self.training and batch.has_graph and torch.is_grad_enabled()
-        if self.fixed_ideal or not training:
-            return total, weights, commit
-        index = batch.index
-        values = batch.values.detach().to(self.epoch_mean.dtype)
+    def check_losses(self, losses: Tensor, index: Tensor) -> None:
+        if not self.log_losses:
+            return
+        # One host sync, the price of failing loudly instead of training on NaN.
+        bad = self.first_failing(losses > 0, index)
+        if bad is not None:
+            name, position = bad
+            raise StrategyError(
+                f"STCH with log_losses=True needs positive losses; loss of task {name!r} is "
+                f"{losses[position].item()}"
+            )
 
-        def record() -> None:
-            commit()
-            with torch.no_grad():
-                averaging = (self.epochs_done >= self.warmup_epochs) & ~self.ideal_ready[index]
-                steps = self.epoch_steps[index] + averaging.long()
-                mean = self.epoch_mean[index]
-                update = mean + (values - mean) / steps.clamp(min=1)
-                self.epoch_mean[index] = torch.where(averaging, update, mean)
-                self.epoch_steps[index] = steps
-
-        return total, weights, record
-
-
-def _require_positive(batch: TaskLosses) -> None:
-    # One host sync, the price of failing loudly instead of training on NaN.
-    positive = batch.values.detach() > 0
-    if not bool(positive.all()):
-        position = positive.tolist().index(False)
-        raise StrategyError(
-            f"STCH with log_losses=True needs positive losses; loss of task "
-            f"{batch.names[position]!r} is {batch.values[position].item()}"
-        )
+    def on_train_step(self, losses: Tensor, index: Tensor) -> None:
+        if self.fixed_ideal:
+            return
+        values = losses.to(self.epoch_mean.dtype)
+        averaging = (self.epochs_done >= self.warmup_epochs) & ~self.ideal_ready[index]
+        steps = self.epoch_steps[index] + averaging.long()
+        mean = self.epoch_mean[index]
+        update = mean + (values - mean) / steps.clamp(min=1)
+        self.epoch_mean[index] = torch.where(averaging, update, mean)
+        self.epoch_steps[index] = steps

@@ -8,8 +8,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from taskbalance.errors import StrategyError
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import LossWeighting, StrategyError
 
 _FACTORS = {"regression": 0.5, "classification": 1.0}
 
@@ -18,7 +19,6 @@ _FACTORS = {"regression": 0.5, "classification": 1.0}
     "uncertainty",
     paper="Kendall, Gal & Cipolla, 'Multi-Task Learning Using Uncertainty to Weigh Losses for "
     "Scene Geometry and Semantics', CVPR 2018, arXiv:1705.07115",
-    stateful=True,
 )
 class Uncertainty(LossWeighting):
     """Learned task uncertainty: each task has ``s_i = log σ_i²``, learned with the model.

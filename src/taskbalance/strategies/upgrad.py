@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 from taskbalance.cone import project_weights
+from taskbalance.errors import StrategyError
+from taskbalance.gradient_aggregation import GradientAggregation, OnFailure
 from taskbalance.registry import register_strategy
-from taskbalance.strategy import GradientAggregation, OnFailure, StrategyError, per_task_vector
+from taskbalance.validation import per_task_vector
 
 
 def check_cone_arguments(reg_eps: float, tol: float, max_iter: int) -> None:
@@ -43,7 +45,6 @@ def present_preference(pref: Tensor, index: Tensor, like: Tensor) -> Tensor:
 
 @register_strategy(
     "upgrad",
-    stateful=True,  # the last weights, for on_failure="reuse"
     paper="Quinton & Rey, 'Jacobian Descent for Multi-Objective Optimization', 2024, "
     "arXiv:2406.16232",
 )

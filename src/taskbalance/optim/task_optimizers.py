@@ -1,4 +1,4 @@
-"""Per-task optimizers and learning rates: :func:`make_optimizer` and :class:`TaskOptimizers`.
+"""Per-task optimizers and learning rates: :class:`TaskOptimizers`.
 
 The popular recipe for "a different optimizer per task" is::
 
@@ -17,272 +17,29 @@ what the recipe meant, in either of its two readings:
   ``θ − lr_cls·∇L_cls(θ) − lr_reg·∇L_reg(θ)``.
 * ``mode="sequential"``: ``step(closure)`` recomputes the losses between the tasks' updates:
   ``θ₁ = θ₀ − lr_cls·∇L_cls(θ₀)``, then ``θ₂ = θ₁ − lr_reg·∇L_reg(θ₁)``.
-
-:func:`make_optimizer` builds any optimizer of ``torch.optim`` or ``torch_optimizer`` by name, and
-:class:`Lookahead` is a checkpointable Lookahead (Zhang, Lucas, Hinton & Ba, NeurIPS 2019).
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
-import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from taskbalance.errors import StrategyError
 from taskbalance.registry import create_strategy
-from taskbalance.strategy import (
-    StepReport,
-    Strategy,
-    StrategyError,
-    check_finite,
-    validate_losses,
-)
+from taskbalance.report import StepReport
+from taskbalance.strategy import Strategy
+from taskbalance.validation import check_finite, validate_losses
 
-__all__ = ["Lookahead", "TaskOptimizers", "list_optimizers", "make_optimizer"]
+__all__ = ["TaskOptimizers"]
 
-Params = Iterable[Tensor] | Iterable[dict[str, Any]]
 Losses = Mapping[str, Tensor]
 Mode = Literal["simultaneous", "sequential"]
 
 
-# =========================================================================== Lookahead
-class Lookahead(Optimizer):
-    """Lookahead around any base optimizer, as a proper :class:`torch.optim.Optimizer`.
-
-    Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step back",
-    NeurIPS 2019, arXiv:1907.08610, Algorithm 1. The base optimizer moves the fast weights ``θ``;
-    every ``k`` of its steps the slow weights ``φ`` move towards them and the fast weights restart
-    from the slow ones::
-
-        φ ← φ + α (θ − φ)        θ ← φ
-
-    Defaults ``k = 5``, ``alpha = 0.5`` (the paper's usual setting, also torch_optimizer's).
-
-    Why not ``torch_optimizer.Lookahead``: it never calls ``Optimizer.__init__``, so on current
-    torch its ``state_dict()`` raises ``AttributeError``. This class keeps the slow weights in
-    ``self.state`` and the base optimizer's state under the key ``"base_state"`` of
-    :meth:`state_dict`, which therefore loads with ``torch.load(weights_only=True)``.
-
-    Choices, stated plainly:
-
-    * ``φ₀`` is the parameter value at the start of the first step that reaches the parameter
-      (Algorithm 1 sets ``φ₀`` to the initial parameters). torch_optimizer takes it after the first
-      inner step instead, one step late.
-    * The base optimizer's state (Adam's moments, say) is kept across synchronisations; Algorithm 1
-      does not say, and torch_optimizer keeps it too.
-    * Each parameter counts its own inner steps, and a step in which a parameter has no gradient
-      neither counts nor moves it: a parameter this optimizer's task never reached stays untouched
-      (this matters inside :class:`TaskOptimizers`).
-    * The parameter groups are shared with the base optimizer, so an LR scheduler attached to
-      the Lookahead reaches the base optimizer's ``lr``.
-
-    Build it by name: ``make_optimizer("lookahead", params, base="adam", k=5, alpha=0.5, lr=1e-3)``.
-    """
-
-    def __init__(
-        self,
-        params: Params,
-        base: type[Optimizer] | str = "adam",
-        *,
-        k: int = 5,
-        alpha: float = 0.5,
-        **base_kwargs: Any,
-    ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise StrategyError(f"lookahead k must be an integer >= 1, got {k!r}")
-        if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
-            raise StrategyError(f"lookahead alpha must be in (0, 1], got {alpha!r}")
-        base_cls = _resolve(base) if isinstance(base, str) else base
-        if not (inspect.isclass(base_cls) and issubclass(base_cls, Optimizer)):
-            raise StrategyError(f"lookahead base must be an optimizer name or class, got {base!r}")
-        if base_cls is torch.optim.LBFGS:
-            raise StrategyError("lookahead cannot wrap LBFGS (it re-evaluates the closure itself)")
-        super().__init__(params, {"k": k, "alpha": float(alpha)})
-        # The base optimizer adopts our group dicts: lr and every base option live in them.
-        self.base = _construct(base_cls, base_cls.__name__.lower(), self.param_groups, base_kwargs)
-        self.defaults = {**self.base.defaults, **self.defaults}
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        if "base" in self.__dict__:  # not during __init__: the base does not exist yet
-            self.base.add_param_group(self.param_groups[-1])
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and "slow" not in self.state[p]:
-                    self.state[p]["slow"] = p.detach().clone()
-                    self.state[p]["lookahead_step"] = 0
-        self.base.step()
-        for group in self.param_groups:
-            fast, slow = [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                state["lookahead_step"] += 1
-                if state["lookahead_step"] % group["k"] == 0:
-                    fast.append(p)
-                    slow.append(state["slow"])
-            if fast:
-                torch._foreach_lerp_(slow, fast, group["alpha"])
-                torch._foreach_copy_(fast, slow)
-        return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["base_state"] = self.base.state_dict()["state"]
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        if "base_state" not in state_dict:
-            raise StrategyError("lookahead state_dict has no 'base_state' entry")
-        base_state = state_dict.pop("base_state")
-        super().load_state_dict(state_dict)
-        self.base.load_state_dict({"state": base_state, "param_groups": state_dict["param_groups"]})
-        self.base.param_groups = self.param_groups  # share the group dicts again
-
-    def __repr__(self) -> str:
-        group = self.param_groups[0] if self.param_groups else self.defaults
-        return f"Lookahead(k={group['k']}, alpha={group['alpha']}, base={self.base!r})"
-
-
-# =========================================================================== make_optimizer
-_TORCH = "torch.optim."
-_TORCH_OPTIMIZER = "torch_optimizer."
-
-
-@functools.cache
-def _catalogue() -> tuple[dict[str, type[Optimizer]], dict[str, str]]:
-    """(names -> classes, refused names -> why). Plain names: torch.optim wins over
-    torch_optimizer; every class is also reachable as ``torch.optim.<name>`` or
-    ``torch_optimizer.<name>``."""
-    import torch_optimizer  # lazy: it is slow to import and only needed here
-
-    def exported(module: Any, names: Iterable[str]) -> dict[str, type[Optimizer]]:
-        found = {}
-        for name in names:
-            obj = getattr(module, name, None)
-            if inspect.isclass(obj) and issubclass(obj, Optimizer) and obj is not Optimizer:
-                found[name.lower()] = obj
-        return found
-
-    from_torch = exported(torch.optim, dir(torch.optim))
-    from_tjo = exported(torch_optimizer, getattr(torch_optimizer, "__all__", dir(torch_optimizer)))
-    refused = {
-        f"{_TORCH_OPTIMIZER}lookahead": "torch_optimizer.Lookahead never calls "
-        "Optimizer.__init__, so its state_dict() cannot be saved on current torch; use "
-        "'lookahead' (taskbalance's checkpointable Lookahead): "
-        "make_optimizer('lookahead', params, base='adam', k=5, alpha=0.5, lr=...)"
-    }
-    from_tjo.pop("lookahead", None)
-    names: dict[str, type[Optimizer]] = {}
-    names.update({f"{_TORCH_OPTIMIZER}{n}": c for n, c in from_tjo.items()})
-    names.update({f"{_TORCH}{n}": c for n, c in from_torch.items()})
-    names.update(from_tjo)
-    names.update(from_torch)  # torch.optim wins the plain name
-    names["lookahead"] = Lookahead
-    return names, refused
-
-
-def list_optimizers() -> list[str]:
-    """Sorted optimizer names accepted by :func:`make_optimizer`.
-
-    Plain names (``"adam"``, ``"lamb"``, ``"lookahead"``) come from ``torch.optim`` and
-    ``torch_optimizer``; where both define a name (``radam``, ``adafactor``) ``torch.optim`` wins,
-    and the list also holds ``"torch_optimizer.<name>"`` for the other one.
-
-        >>> import taskbalance as tb
-        >>> names = tb.list_optimizers()
-        >>> {"adam", "lamb", "lookahead", "radam", "torch_optimizer.radam"} <= set(names)
-        True
-    """
-    names, _ = _catalogue()
-    plain = {n for n in names if "." not in n}
-    shadowed = {
-        n
-        for n in names
-        if n.startswith(_TORCH_OPTIMIZER) and names[n] is not names[n.split(".")[1]]
-    }
-    return sorted(plain | shadowed)
-
-
-def _resolve(name: str) -> type[Optimizer]:
-    if not isinstance(name, str):
-        raise StrategyError(f"optimizer name must be a string, got {name!r}")
-    names, refused = _catalogue()
-    key = name.strip().lower()
-    if key in refused:
-        raise StrategyError(f"optimizer {name!r} is refused: {refused[key]}")
-    if key not in names:
-        close = difflib.get_close_matches(key, list_optimizers(), n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise StrategyError(
-            f"unknown optimizer {name!r}{hint} (tb.list_optimizers() lists all "
-            f"{len(list_optimizers())})"
-        )
-    return names[key]
-
-
-def _construct(
-    cls: type[Optimizer], name: str, params: Any, kwargs: Mapping[str, Any]
-) -> Optimizer:
-    signature = inspect.signature(cls.__init__)
-    parameters = list(signature.parameters.values())[2:]  # self, params
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        accepted = [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-        for key in kwargs:
-            if key not in accepted:
-                close = difflib.get_close_matches(key, accepted, n=3)
-                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise StrategyError(
-                    f"optimizer {name!r} takes no argument {key!r}{hint} "
-                    f"(it takes: {', '.join(accepted)})"
-                )
-    try:
-        return cls(params, **kwargs)
-    except (TypeError, ValueError) as error:
-        if isinstance(error, StrategyError):
-            raise
-        raise StrategyError(f"optimizer {name!r}: {error}") from error
-
-
-def make_optimizer(name: str, params: Params, **kwargs: Any) -> Optimizer:
-    """Build the optimizer called ``name`` (case-insensitive) over ``params``.
-
-    Names come from ``torch.optim`` and ``torch_optimizer`` (every optimizer class either
-    exports). Where both define a name, ``torch.optim`` wins; get the other one with the module
-    prefix: ``"torch_optimizer.radam"`` (``"torch.optim.radam"`` names torch's explicitly).
-    ``"lookahead"`` is :class:`Lookahead`, which wraps a base optimizer given by name or class;
-    the remaining keyword arguments go to the base::
-
-        >>> import torch, taskbalance as tb
-        >>> w = torch.nn.Parameter(torch.zeros(3))
-        >>> tb.make_optimizer("Lamb", [w], lr=1e-3).__class__.__module__
-        'torch_optimizer.lamb'
-        >>> la = tb.make_optimizer("lookahead", [w], base="adam", k=5, alpha=0.5, lr=1e-3)
-        >>> type(la).__name__, type(la.base).__name__, la.param_groups[0]["lr"]
-        ('Lookahead', 'Adam', 0.001)
-
-    Unknown names and arguments raise :class:`~taskbalance.StrategyError` with the close matches.
-    ``torch_optimizer.Lookahead`` is refused (its ``state_dict()`` crashes on current torch).
-    """
-    cls = _resolve(name)
-    return _construct(cls, name, params, kwargs)
-
-
-# =========================================================================== TaskOptimizers
 def _flat_params(optimizer: Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 

@@ -1,0 +1,638 @@
+"""Gradient-level strategies: per-task gradients in, one update direction out."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from taskbalance import distributed
+from taskbalance.errors import SolverError, StrategyError
+from taskbalance.jacobian import (
+    backward_with_direction,
+    gramian,
+    gramian_backward,
+    jacobian,
+    walk_graph,
+)
+from taskbalance.report import StepReport
+from taskbalance.solvers import solver_dtype
+from taskbalance.strategy import (
+    HALF,
+    Strategy,
+    loss_scale,
+    mark_overflow,
+    overflowed,
+    scaled_backward,
+    watch,
+)
+from taskbalance.validation import TaskLosses, check_gramian_range
+
+__all__ = ["GradientAggregation", "OnFailure", "per_task_jacobian"]
+
+OnFailure = Literal["reuse", "raise"]
+
+_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: max_norm / (‖d‖ + 1e-6)
+
+
+class GradientAggregation(Strategy):
+    """A strategy that turns per-task gradients into one update direction.
+
+    Hooks (``losses`` are the detached losses of the present tasks ``[k]``, ``index`` their
+    positions in ``self.tasks``):
+
+    * :meth:`gramian_weights`: most methods are a combination of the task gradients with weights
+      computed from the Gramian ``G = J Jᵀ``. ``backward`` then computes the weights and
+      finishes with one backward of ``sum(w_i * L_i)`` through the normal graph, so heads get
+      their task's weighted gradient and the shared parameters ``Σ w_i g_i``;
+    * :meth:`aggregate_rows`: a method whose direction is not such a combination (GradDrop,
+      MoCo, DB-MTL) implements this instead; ``backward`` then writes the direction into the
+      gradient reaching the shared tensors, and the heads get their own task's gradient.
+      :meth:`report_weights` gives the weights its report shows;
+    * :meth:`reused_weights`: weights known without this step's gradients (Nash-MTL between two
+      solves): the engine then takes no per-task gradients;
+    * :meth:`transform_losses`: train on an elementwise transform of the losses (DB-MTL's
+      ``log(L + ε)``): the per-task gradients are those of the transformed losses;
+    * the hooks every strategy has (:meth:`~Strategy.check_losses`,
+      :meth:`~Strategy.on_train_step`, :meth:`~Strategy.extras`, :meth:`~Strategy.end_epoch`).
+
+    Base-class options: ``max_norm`` (an instance attribute, 0 = off) clips the shared update's
+    norm by folding ``min(1, max_norm / (‖d‖ + 1e-6))`` into the weights (Nash-MTL's clip), with
+    ``‖d‖² = wᵀGw`` of this step; and the failure policy below.
+
+    With ``features=`` the Jacobian is taken w.r.t. the shared representation (MGDA-UB of
+    Sener & Koltun, 2018): far cheaper, and an approximation of the parameter Jacobian.
+
+    **Per-step problems that can fail.** A method whose weights solve a problem that may have no
+    solution or may not converge (Nash-MTL at a Pareto front, FairGrad with opposite gradients,
+    an iterative solver at its iteration cap) takes an ``on_failure`` argument, hands it to
+    :meth:`add_failure_policy` in its constructor and computes its weights with
+    :meth:`solved`. ``on_failure="reuse"`` then takes the previous step's solution when the
+    solver raises :class:`SolverError` (equal weights when a present task has none yet);
+    ``"raise"`` lets the error end the step, with nothing changed. A fallback is never silent:
+    the first one warns, and the step report carries ``failed`` (1 in a step that fell back)
+    and ``failures`` (the running count, a buffer saved with the state), which
+    ``report.to_dict()`` includes.
+    """
+
+    needs_grads: ClassVar[bool] = True
+    last_weights: Tensor
+    has_last_weights: Tensor
+    failures: Tensor
+
+    on_failure: OnFailure | None = None  # None: the strategy's weights cannot fail
+    max_norm: float = 0.0  # > 0: the shared update is clipped to this norm
+
+    def add_failure_policy(self, on_failure: OnFailure) -> None:
+        """Declare that this strategy's per-step problem can fail, and how to handle a failure.
+
+        Registers the state the policy needs: ``last_weights`` (the last solution per task),
+        ``has_last_weights`` and ``failures`` (the number of fallbacks so far).
+        """
+        if on_failure not in ("reuse", "raise"):
+            raise StrategyError(f"on_failure must be 'reuse' or 'raise', got {on_failure!r}")
+        self.on_failure = on_failure
+        self._warned_fallback = False
+        count = len(self.tasks)
+        self.add_state("last_weights", torch.zeros(count))
+        self.add_state("has_last_weights", torch.zeros(count, dtype=torch.bool))
+        self.add_state("failures", torch.zeros((), dtype=torch.long), per_task=False)
+
+    def solved(
+        self, solve: Callable[[], Tensor], index: Tensor, *, equal: Literal["mean", "sum"] = "mean"
+    ) -> Tensor:
+        """``solve()``, this step's weights of the present tasks ``index``, under ``on_failure``.
+
+        A solution is stored for the next fallback. On :class:`SolverError` (or a linear-algebra
+        failure) with ``on_failure="reuse"``: :meth:`previous_weights`, counted in
+        ``failures``; the first fallback of a strategy warns. The solver's own host sync
+        reported the failure, so the fallback adds none.
+        """
+        try:
+            with _solver_errors(self):
+                weights = solve()
+        except SolverError as error:
+            if self.on_failure != "reuse":
+                raise
+            with torch.no_grad():
+                self.failures += 1
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                warnings.warn(
+                    f"{type(self).__name__} takes the previous step's weights "
+                    f"(on_failure='reuse'): {error}. Shown once; the step report counts every "
+                    "fallback ('failures'). Pass on_failure='raise' to stop instead.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return self.previous_weights(index, equal=equal)
+        if self.on_failure is not None:
+            with torch.no_grad():
+                self.last_weights[index] = weights.detach().to(self.last_weights.dtype)
+                self.has_last_weights[index] = True
+        return weights
+
+    def previous_weights(self, index: Tensor, *, equal: Literal["mean", "sum"] = "mean") -> Tensor:
+        """The last stored weights of the tasks ``index``; equal weights (``1/k`` each for
+        ``"mean"``, 1 for ``"sum"``) if any of them has none yet. No host sync."""
+        stored = self.last_weights[index]
+        first = torch.full_like(stored, 1.0 / index.numel() if equal == "mean" else 1.0)
+        return torch.where(self.has_last_weights[index].all(), stored, first)
+
+    def _failure_scalars(self, before: Tensor | None) -> dict[str, Tensor]:
+        if before is None:
+            return {}
+        return {"failed": (self.failures > before).float(), "failures": self.failures.clone()}
+
+    def _failure_count(self) -> Tensor | None:
+        return self.failures.clone() if self.on_failure is not None else None
+
+    # ----------------------------------------------------------------- hooks
+    def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+        """Weights of the present tasks from their Gramian ``[k, k]`` and (detached) losses."""
+        raise NotImplementedError
+
+    def aggregate_rows(
+        self,
+        jacobian: Tensor,
+        losses: Tensor,
+        index: Tensor,
+        features: Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """The direction ``[P]`` from the rows ``[k, P]``; ``features`` are the tensors the rows
+        were taken w.r.t. on the ``features=`` path (``None`` otherwise), for methods that need
+        them (GradDrop). Default: the combination with :meth:`gramian_weights`."""
+        weights = self._weights_from_gramian(gramian(jacobian), losses, index)
+        return weights.to(jacobian.dtype) @ jacobian
+
+    def reused_weights(self, losses: Tensor, index: Tensor) -> Tensor | None:
+        """Weights for this step that need no per-task gradients, or ``None`` (default)."""
+        return None
+
+    def transform_losses(self, losses: Tensor) -> Tensor:
+        """An elementwise, differentiable transform of the losses whose gradients the method
+        aggregates (default: none). The engine may call it one task at a time."""
+        return losses
+
+    def report_weights(self, losses: Tensor, index: Tensor) -> Tensor | None:
+        """The weights a step report shows for a method that implements :meth:`aggregate_rows`
+        (read after the step), or ``None`` (default): ones, NaN in a step that mixed precision
+        skips."""
+        return None
+
+    @classmethod
+    def combines_gradients(cls) -> bool:
+        return cls.gramian_weights is not GradientAggregation.gramian_weights
+
+    @classmethod
+    def _transforms(cls) -> bool:
+        return cls.transform_losses is not GradientAggregation.transform_losses
+
+    # ----------------------------------------------------------------- the engine
+    def aggregate(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """One update direction ``[P]`` from the Jacobian ``[T, P]`` (rows in ``tasks`` order)."""
+        if not isinstance(jacobian, Tensor) or jacobian.dim() != 2:
+            raise StrategyError("jacobian must be a 2-D tensor [tasks, parameters]")
+        if jacobian.shape[0] != len(self.tasks):
+            raise StrategyError(
+                f"jacobian has {jacobian.shape[0]} rows for tasks {list(self.tasks)}"
+            )
+        if not jacobian.is_floating_point():
+            raise StrategyError(f"jacobian must be floating point, got {jacobian.dtype}")
+        if losses is None:
+            losses = torch.ones(len(self.tasks), dtype=jacobian.dtype, device=jacobian.device)
+        elif not isinstance(losses, Tensor) or losses.shape != (len(self.tasks),):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise StrategyError(f"losses must be a tensor [{len(self.tasks)}], got {shape}")
+        elif losses.device != jacobian.device:
+            raise StrategyError(f"losses are on {losses.device}, the jacobian on {jacobian.device}")
+        if not torch.isfinite(jacobian).all():
+            raise StrategyError("jacobian holds NaN or infinite entries")
+        check_gramian_range(jacobian, self.tasks)
+        index, _ = self._index_and_mask(self.tasks, jacobian.device)
+        with self.transaction(), _solver_errors(self):
+            with torch.no_grad():
+                self.check_losses(losses, index)
+            if self._transforms():
+                jacobian, losses = self._transformed_rows(jacobian, losses)
+            weights = self.reused_weights(losses, index)
+            if weights is None:
+                return self.aggregate_rows(jacobian, losses, index)
+            return self._clip_by_gramian(weights, gramian(jacobian)).to(jacobian.dtype) @ jacobian
+
+    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """Evaluation only: the plain sum of the losses (training needs ``backward``)."""
+        batch = self.gather(losses)
+        self._refuse_training_combination(batch)
+        return batch.values.sum()
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared_params: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> StepReport:
+        batch = self.gather(losses)
+        self._require_graph(batch)
+        inputs = self._grad_inputs(shared_params, features)
+        before = self._failure_count()
+        detached, index = batch.values.detach(), batch.index
+        with self.transaction(self._step_mask(batch)):
+            with torch.no_grad():
+                self.check_losses(detached, index)
+                if batch.training:
+                    self.before_train_step(detached, index)
+            work = self._transformed(batch)
+            reused = self.reused_weights(work.values.detach(), index)
+            if reused is not None:
+                weights = self._backward_reused(work, inputs, scaler, reused)
+            elif self.combines_gradients() and _plain_parameters(work, inputs):
+                weights = self._backward_gramian(work, inputs, scaler)
+            else:
+                weights = self._backward_from_rows(work, inputs, scaler, features is not None)
+            if batch.training:
+                with torch.no_grad():
+                    self.on_train_step(detached, index)
+            if reused is None and not self.combines_gradients():
+                shown = self.report_weights(detached, index)
+                weights = weights if shown is None else shown
+        return self._report(batch, weights, before)
+
+    def combine(
+        self,
+        losses: Mapping[str, Tensor],
+        *,
+        shared_params: Iterable[Tensor] | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+    ) -> tuple[Tensor, StepReport]:
+        """``(total, report)`` with ``total.backward()`` giving what ``backward`` gives (up to
+        rounding), for frameworks that call ``backward()`` themselves.
+
+        For a combination the total is ``Σ w_i L_i`` with this step's weights (detached). For a
+        method with its own direction ``d`` (:meth:`aggregate_rows`) it is ``Σ L_i + Σ_t ⟨t,
+        stopgrad(d − Σ_i g_i)⟩`` over the shared tensors ``t``: their gradient is ``d``, and the
+        heads get their task's gradient; not available in a distributed step (use
+        ``backward``). No loss scaling: under fp16 autocast use ``backward(scaler=...)``.
+        Outside training steps the total is the plain sum, as ``s(losses)``.
+        """
+        batch = self.gather(losses)
+        detached, index = batch.values.detach(), batch.index
+        if not batch.training:
+            return batch.values.sum(), self._report(batch, torch.ones_like(detached), None)
+        inputs = self._grad_inputs(shared_params, features)
+        repeated = self._repeated_step(losses)
+        if repeated is not None:
+            make_total, report = repeated
+            return make_total(self._transformed(batch), inputs), report
+        before = self._failure_count()
+        with self.transaction(self._step_mask(batch)):
+            with torch.no_grad():
+                self.check_losses(detached, index)
+                self.before_train_step(detached, index)
+            work = self._transformed(batch)
+            make_total, weights = self._combined(work, inputs, features is not None)
+            total = make_total(work, inputs)
+            with torch.no_grad():
+                self.on_train_step(detached, index)
+            if not self.combines_gradients():
+                shown = self.report_weights(detached, index)
+                weights = weights if shown is None else shown
+        report = self._report(batch, weights, before)
+        self._remember_step(losses, (make_total, report))
+        return total, report
+
+    def _combined(
+        self, work: TaskLosses, inputs: Sequence[Tensor], features: bool
+    ) -> tuple[Callable[[TaskLosses, Sequence[Tensor]], Tensor], Tensor]:
+        """This step's total as a function of the losses and inputs, and its weights."""
+        detached = work.values.detach()
+        reused = self.reused_weights(detached, work.index)
+        if reused is not None:
+            weights, _ = self._clipped_reused(work, inputs, None, reused)
+        elif self.combines_gradients():
+            rows = per_task_jacobian(work, inputs, None)
+            with _solver_errors(self):
+                weights = self._weights_from_gramian(gramian(rows), detached, work.index)
+            weights = weights.detach().to(detached.dtype)
+        else:
+            if work.group is not None:
+                raise StrategyError(
+                    f"{type(self).__name__}.combine: a method with its own direction cannot "
+                    "hand its update to autograd in a distributed step; use backward"
+                )
+            rows = per_task_jacobian(work, inputs, None)
+            with _solver_errors(self):
+                direction = self.aggregate_rows(
+                    rows, detached, work.index, inputs if features else None
+                )
+            correction = (direction - rows.sum(0)).detach()
+            pieces = correction.split([t.numel() for t in inputs])
+
+            def corrected(batch: TaskLosses, tensors: Sequence[Tensor]) -> Tensor:
+                extra = sum((t * p.view_as(t).to(t.dtype)).sum() for t, p in zip(tensors, pieces))
+                return batch.values.sum() + extra
+
+            return corrected, torch.ones_like(detached)
+        return (lambda batch, _tensors: (weights * batch.values).sum()), weights
+
+    def _report(self, batch: TaskLosses, weights: Tensor, before: Tensor | None) -> StepReport:
+        return StepReport(
+            batch.names,
+            batch.values.detach(),
+            weights,
+            self.extras(batch.index),
+            self._failure_scalars(before),
+        )
+
+    def _transformed(self, batch: TaskLosses) -> TaskLosses:
+        """The batch with :meth:`transform_losses` applied task by task (so that each task keeps
+        its own backward root)."""
+        if not self._transforms():
+            return batch
+        parts = tuple(self.transform_losses(p.reshape(1)).reshape(()) for p in batch.parts)
+        return dataclasses.replace(batch, values=torch.stack(parts), parts=parts)
+
+    def _transformed_rows(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows and losses of :meth:`aggregate` after :meth:`transform_losses` (chain rule)."""
+        with torch.enable_grad():
+            point = losses.detach().requires_grad_(True)
+            transformed = self.transform_losses(point)
+            (slope,) = torch.autograd.grad(transformed.sum(), point)
+        return jacobian * slope.to(jacobian.dtype)[:, None], transformed.detach()
+
+    def _weights_from_gramian(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
+        """:meth:`gramian_weights`, clipped by ``max_norm``, in the Gramian's dtype."""
+        return self._clip_by_gramian(self.gramian_weights(gramian, losses, index), gramian)
+
+    def _clip_by_gramian(self, weights: Tensor, gramian: Tensor) -> Tensor:
+        """``weights`` clipped with ``‖d‖² = wᵀGw``, in the Gramian's dtype."""
+        if self.max_norm > 0:
+            work = weights.to(solver_dtype(gramian.device))
+            weights = self._clip(weights, work @ gramian.to(work.dtype) @ work)
+        return weights.to(gramian.dtype)
+
+    def _clip(self, weights: Tensor, squared_norm: Tensor) -> Tensor:
+        """``w · min(1, max_norm / (‖d‖ + 1e-6))``: clip_grad_norm_ of ``d``, folded into w."""
+        if self.max_norm == 0:
+            return weights
+        norm = squared_norm.clamp(min=0).sqrt()
+        return weights * (self.max_norm / (norm + _CLIP_EPS)).clamp(max=1.0).to(weights.dtype)
+
+    def _clipped_reused(
+        self,
+        batch: TaskLosses,
+        inputs: Sequence[Tensor],
+        scaler: torch.amp.GradScaler | None,
+        weights: Tensor,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Reused weights clipped with this step's ``‖Σ w_i g_i‖`` (one gradient of the combined
+        loss, no per-task gradients), and that clipped direction (``None`` without a clip)."""
+        weights = weights.to(batch.values.dtype)
+        if self.max_norm == 0:
+            return weights, None
+        combined = dataclasses.replace(
+            batch, names=("the combined loss",), values=torch.stack([weights @ batch.values])
+        )
+        direction = per_task_jacobian(combined, inputs, scaler)[0]
+        factor = self._clip(torch.ones_like(weights[:1]), direction.square().sum())
+        return weights * factor, direction * factor.to(direction.dtype)
+
+    def _backward_reused(
+        self,
+        batch: TaskLosses,
+        inputs: Sequence[Tensor],
+        scaler: torch.amp.GradScaler | None,
+        weights: Tensor,
+    ) -> Tensor:
+        weights, direction = self._clipped_reused(batch, inputs, scaler, weights)
+        if overflowed():  # GradScaler skips this step: NaN gradients and weights
+            weights = torch.full_like(weights, math.nan)
+        total = (weights * batch.values).sum()
+        if direction is not None and not overflowed() and _plain_parameters(batch, inputs):
+            # The shared parameters get the clipped d; only the heads are backpropagated.
+            scale = loss_scale(scaler, total.device)
+            backward_with_direction(total, inputs, direction, scale=scale)
+        else:
+            scaled_backward(total, scaler)
+        return weights
+
+    def _backward_gramian(
+        self, batch: TaskLosses, inputs: Sequence[Tensor], scaler: torch.amp.GradScaler | None
+    ) -> Tensor:
+        """A combination on plain parameters: the Gramian without the Jacobian where linear
+        layers make that cheaper, and never a second backward through the trunk
+        (:func:`taskbalance.jacobian.gramian_backward`)."""
+        detached = batch.values.detach()
+        scale = loss_scale(scaler, batch.values.device)
+        if scale is not None:
+            watch(batch.values)  # before any backward, while the graph is whole
+
+        def weights_of(matrix: Tensor) -> Tensor:
+            if scale is not None and not bool(torch.isfinite(matrix).all()):
+                mark_overflow()  # GradScaler skips this step: NaN weights, as below
+                return torch.full_like(detached, math.nan)
+            _check_squared(batch, inputs, matrix.diagonal(), features=False)
+            with _solver_errors(self):
+                return self._weights_from_gramian(matrix, detached, batch.index)
+
+        weights = gramian_backward(batch.values, inputs, weights_of, scale=scale)
+        return weights.to(batch.values.dtype)
+
+    def _backward_from_rows(
+        self,
+        batch: TaskLosses,
+        inputs: Sequence[Tensor],
+        scaler: torch.amp.GradScaler | None,
+        features: bool,
+    ) -> Tensor:
+        """The step from the per-task rows (features, DDP, half precision, or a method that is
+        not a combination); returns the weights to report."""
+        detached = batch.values.detach()
+        rows, (start, stop) = _per_task_rows(batch, inputs, scaler, features)
+        if overflowed():
+            # GradScaler will skip this step: compute nothing, and make every gradient say
+            # so (NaN) whatever the weights would have been. The report's weights are NaN.
+            weights = torch.full_like(detached, math.nan)
+            scaled_backward((weights * batch.values).sum(), scaler)
+            return weights
+        if self.combines_gradients():
+            with _solver_errors(self):
+                weights = self._weights_from_gramian(gramian(rows), detached, batch.index)
+            weights = weights.detach().to(batch.values.dtype)
+            scaled_backward((weights * batch.values).sum(), scaler)
+            return weights
+        with _solver_errors(self):
+            direction = self.aggregate_rows(
+                rows, detached, batch.index, inputs if features else None
+            )
+        if stop - start != direction.shape[0]:
+            # features under DDP: this rank's block; DDP's average divides by the ranks
+            direction = direction[start:stop] * distributed.world_size(batch.group)
+        if _plain_parameters(batch, inputs):
+            # The shared parameters get the direction; only the heads are backpropagated.
+            scale = loss_scale(scaler, batch.values.device)
+            backward_with_direction(batch.values.sum(), inputs, direction, scale=scale)
+        else:
+            _backward_replacing(batch.values.sum(), inputs, direction, scaler)
+        return torch.ones_like(detached)
+
+
+@contextlib.contextmanager
+def _solver_errors(strategy: Strategy) -> Iterator[None]:
+    """A linear-algebra failure on a degenerate Jacobian becomes a StrategyError naming it."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as error:
+        raise SolverError(
+            f"{type(strategy).__name__} could not compute its weights from this Jacobian "
+            f"(degenerate or ill-conditioned Gramian): {error}"
+        ) from error
+
+
+def _plain_parameters(batch: TaskLosses, inputs: Sequence[Tensor]) -> bool:
+    """Whether the inputs are leaf tensors (parameters) on the losses' device, in float32/float64,
+    in one process: then the Gramian and the finish of taskbalance.jacobian apply as they are."""
+    device = batch.values.device
+    return (
+        batch.group is None
+        and batch.values.dtype not in HALF
+        and all(t.is_leaf and t.device == device and t.dtype not in HALF for t in inputs)
+    )
+
+
+def _check_squared(
+    batch: TaskLosses, inputs: Sequence[Tensor], squared: Tensor, features: bool
+) -> None:
+    """:func:`_check_rows` from the squared row norms (the Gramian's diagonal)."""
+    healthy = torch.cat([torch.isfinite(squared), squared > 0])
+    if bool(healthy.all()):
+        return
+    finite = torch.isfinite(squared)
+    if not bool(finite.all()):
+        bad = batch.names[finite.tolist().index(False)]
+        raise StrategyError(
+            f"the gradient of task {bad!r} is not finite or too large: its squared norm "
+            f"overflows {squared.dtype} (scale that loss down)"
+        )
+    argument = "features" if features else "shared_params"
+    for position in (squared == 0).nonzero().reshape(-1).tolist():
+        if not _task_reaches(batch.values, position, inputs):
+            raise StrategyError(
+                f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
+                f"{argument}; pass tensors that every present task reaches"
+            )
+
+
+def _check_rows(batch: TaskLosses, inputs: Sequence[Tensor], rows: Tensor, features: bool) -> None:
+    """One host sync: the Gramian must not overflow, and every task must reach ``inputs``."""
+    squared = rows.square().sum(dim=1)
+    healthy = torch.cat([torch.isfinite(squared), squared > 0])
+    if bool(healthy.all()):
+        return
+    check_gramian_range(rows, batch.names)
+    argument = "features" if features else "shared_params"
+    for position in (squared == 0).nonzero().reshape(-1).tolist():
+        # A zero row is legitimate (a dead ReLU, an exact optimum) unless the task's loss does
+        # not depend on the inputs at all: then the caller passed the wrong tensors.
+        if not _task_reaches(batch.values, position, inputs):
+            raise StrategyError(
+                f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
+                f"{argument}; pass tensors that every present task reaches"
+            )
+
+
+def _task_reaches(values: Tensor, position: int, inputs: Sequence[Tensor]) -> bool:
+    """Whether entry ``position`` of the stacked losses depends on any of ``inputs``."""
+    stack = values.grad_fn
+    if stack is None or type(stack).__name__ != "StackBackward0":
+        return True  # not built by gather: assume it does
+    targets = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
+    leaves = {id(t) for t in inputs if t.grad_fn is None}
+    for node in walk_graph(stack.next_functions[position][0]):
+        variable = getattr(node, "variable", None)
+        if id(node) in targets or (variable is not None and id(variable) in leaves):
+            return True
+    return False
+
+
+def _backward_replacing(
+    total: Tensor, inputs: Sequence[Tensor], direction: Tensor, scaler: torch.amp.GradScaler | None
+) -> None:
+    """Backward of ``total`` with the gradient reaching ``inputs`` replaced by ``direction``."""
+    scale = loss_scale(scaler, direction.device)
+    if scale is not None:
+        direction = direction * scale
+    pieces = direction.split([t.numel() for t in inputs])
+    handles = [
+        tensor.register_hook(
+            lambda _grad, piece=piece, tensor=tensor: piece.view_as(tensor).to(tensor.dtype)
+        )
+        for tensor, piece in zip(inputs, pieces)
+    ]
+    try:
+        scaled_backward(total, scaler)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def per_task_jacobian(
+    batch: TaskLosses,
+    inputs: Sequence[Tensor],
+    scaler: torch.amp.GradScaler | None,
+    *,
+    features: bool | None = None,
+) -> Tensor:
+    """Per-task gradients of the present losses w.r.t. ``inputs`` as rows ``[k, P]``, unscaled.
+
+    In a distributed step the rows are the global ones, the same on every rank (see
+    :mod:`taskbalance.distributed`): ``features`` says whether ``inputs`` are per-sample features
+    (default: yes unless every input is a leaf tensor, as parameters are). With an enabled
+    ``scaler``, non-finite rows mark the step as an overflow: the enclosing
+    :meth:`Strategy.transaction` then leaves the strategy's state as it was. Rows of a half
+    precision type (bf16/fp16 autocast) are returned as float32.
+    """
+    return _per_task_rows(batch, inputs, scaler, features)[0]
+
+
+def _per_task_rows(
+    batch: TaskLosses,
+    inputs: Sequence[Tensor],
+    scaler: torch.amp.GradScaler | None,
+    features: bool | None,
+) -> tuple[Tensor, tuple[int, int]]:
+    """The rows of :func:`per_task_jacobian` and the span of this rank's own columns."""
+    if features is None:
+        features = not all(t.grad_fn is None for t in inputs)  # parameters are leaves
+    device = batch.values.device
+    for position, tensor in enumerate(inputs):
+        if tensor.device != device:
+            argument = "features" if features else "shared_params"
+            raise StrategyError(
+                f"{argument}[{position}] is on {tensor.device}, the losses on {device}"
+            )
+    scale = loss_scale(scaler, device)
+    if scale is None:
+        rows = jacobian(batch.values, inputs)
+    else:
+        watch(batch.values)  # the gradients a later backward writes are checked at the end
+        rows = jacobian(batch.values, inputs, scale=scale)
+        rows = rows.float() / scale if rows.dtype in HALF else rows / scale
+    if rows.dtype in HALF:
+        rows = rows.float()  # weights from a float32 Gramian; bf16/fp16 products lose too much
+    span = (0, rows.shape[1])
+    if batch.group is not None:
+        rows, span = distributed.reduce_rows(rows, features=features, group=batch.group)
+    if scale is not None and not bool(torch.isfinite(rows).all()):
+        mark_overflow()  # after the reduction, so that every rank agrees
+    if not overflowed():
+        _check_rows(batch, inputs, rows, features)
+    return rows, span
