@@ -55,9 +55,11 @@ from torch import Tensor, nn
 
 import taskbalance as tb
 from experiments.runner import markdown_table, parse_config
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.jacobian import backward_with_direction, gramian_backward, jacobian
+from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import strategy_info
-from taskbalance.strategy import GradientAggregation, LossWeighting, Strategy
+from taskbalance.strategy import Strategy
 
 __all__ = ["BenchConfig", "Problem", "main", "make_problem", "run"]
 
@@ -378,7 +380,7 @@ def _direct_backward(
             )
         else:
             rows = jacobian(batch.values, shared)
-            direction = strategy._aggregate_rows(rows, detached, batch.index)
+            direction = strategy.aggregate_rows(rows, detached, batch.index)
             backward_with_direction(batch.values.sum(), shared, direction)
 
 

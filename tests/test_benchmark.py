@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 import taskbalance as tb
+from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import strategy_info
-from taskbalance.strategy import GradientAggregation
 
 # experiments/ is a folder of scripts next to the package, not installed: make it importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

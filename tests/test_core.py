@@ -11,7 +11,8 @@ from torch import nn
 
 import taskbalance as tb
 from taskbalance.jacobian import accumulate_grad, gramian, jacobian
-from taskbalance.strategy import StepReport, TaskParameterOptimizer
+from taskbalance.report import StepReport
+from taskbalance.strategy import TaskParameterOptimizer
 
 
 # --------------------------------------------------------------------------- static / equal

@@ -286,19 +286,42 @@ def test_rlw_draws_only_from_its_own_generator(distribution: str) -> None:
         )
 
 
-def test_rlw_seed_from_global_generator_and_argument_checks() -> None:
+@pytest.mark.parametrize("name", ["rlw", "pcgrad", "gradvac", "graddrop"])
+def test_random_strategies_share_one_seed_convention(name: str) -> None:
+    # seed: int = 0 everywhere; the global generator does not change the draws, seed= does.
     torch.manual_seed(11)
-    first = tb.create_strategy("rlw", tasks=["a", "b"])
-    torch.manual_seed(11)
-    second = tb.create_strategy("rlw", tasks=["a", "b"])
+    first = tb.create_strategy(name, tasks=["a", "b"])
+    torch.manual_seed(12)
+    second = tb.create_strategy(name, tasks=["a", "b"])
     assert torch.equal(first.generator_state, second.generator_state)
+    assert tb.create_strategy(name, tasks=["a", "b"], seed=0).state_dict().keys() == (
+        first.state_dict().keys()
+    )
+    other = tb.create_strategy(name, tasks=["a", "b"], seed=1)
+    assert not torch.equal(first.generator_state, other.generator_state)
+    assert not tb.registry.strategy_info(name).deterministic
+    for seed in (1.5, None, True):
+        with pytest.raises(tb.StrategyError, match="seed must be an integer"):
+            tb.create_strategy(name, tasks=["a"], seed=seed)
+
+
+def test_rlw_argument_checks() -> None:
     for kwargs, message in [
         ({"distribution": "gamma"}, "distribution must be one of"),
         ({"total": 0.0}, "total must be a positive number"),
-        ({"seed": 1.5}, "seed must be an int or None"),
     ]:
         with pytest.raises(tb.StrategyError, match=message):
             tb.create_strategy("rlw", tasks=["a"], **kwargs)
+
+
+def test_a_0_1_checkpoint_of_a_random_strategy_loads() -> None:
+    # 0.1 saved gradvac's and graddrop's generator as "rng_state".
+    s = tb.create_strategy("gradvac", tasks=["a", "b"], seed=3)
+    state = s.state_dict()
+    state["rng_state"] = state.pop("generator_state")
+    fresh = tb.create_strategy("gradvac", tasks=["a", "b"])
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.generator_state, s.generator_state)
 
 
 # --------------------------------------------------------------------------- FAMO

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import functools
 import inspect
 import re
 import warnings
@@ -55,10 +54,14 @@ class StrategyInfo:
         return _declares_state(self.cls)
 
 
-@functools.cache
+_STATEFUL: dict[type[Strategy], bool] = {}
+
+
 def _declares_state(cls: type[Strategy]) -> bool:
-    modules = cls(("a", "b")).modules()
-    return any(module._states for module in modules if isinstance(module, Strategy))
+    if cls not in _STATEFUL:
+        modules = cls(("a", "b")).modules()
+        _STATEFUL[cls] = any(m._states for m in modules if isinstance(m, Strategy))
+    return _STATEFUL[cls]
 
 
 _REGISTRY: dict[str, StrategyInfo] = {}

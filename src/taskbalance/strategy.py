@@ -144,9 +144,10 @@ class Strategy(nn.Module):
     :mod:`taskbalance.distributed`).
 
     **One step, once.** A training step is a call in training mode, with grad mode on and losses
-    that carry a graph. Calling the strategy again on the very same loss tensors (``s(losses)``
-    then ``s.backward(losses)``, or ``combine`` twice) is the same step: the state is not
-    updated a second time and the same weights are used.
+    that carry a graph. Calling the strategy again on the very same computed loss tensors
+    (``s(losses)`` then ``s.backward(losses)``, or ``combine`` twice) is the same step: the state
+    is not updated a second time and the same weights are used. (Leaf tensors passed as losses,
+    as toy problems do, start a new step at every call.)
     """
 
     needs_grads: ClassVar[bool] = False
@@ -542,14 +543,15 @@ class Strategy(nn.Module):
         return None
 
     def _remember_step(self, losses: Mapping[str, Tensor], stored: Any) -> None:
-        refs = []
-        for name, loss in losses.items():
-            try:
-                refs.append((name, weakref.ref(loss)))
-            except TypeError:  # not weakly referable: this step cannot be recognised again
-                self._last_step = None
-                return
-        self._last_step = (tuple(refs), stored)
+        # Only computed losses identify a step: leaf tensors (a toy reusing its losses) are new
+        # steps each time.
+        self._last_step = None
+        if not all(
+            isinstance(loss, Tensor) and loss.grad_fn is not None for loss in losses.values()
+        ):
+            return
+        refs = tuple((name, weakref.ref(loss)) for name, loss in losses.items())
+        self._last_step = (refs, stored)
 
 
 @dataclass

@@ -41,6 +41,9 @@ class Imtl(GradientAggregation):
     is a parameter of the strategy, not of the model (nobody adds it to an optimizer).
     """
 
+    scale: nn.Parameter
+    scale_optimizer: TaskParameterOptimizer
+
     def __init__(
         self,
         tasks: Sequence[str],
