@@ -149,7 +149,7 @@ def time_steps(config: CompareConfig, bench: Benchmark, methods: Sequence[str]) 
     for method in methods:
         try:
             seed_everything(0)
-            setups[method] = Setup.build(config, bench, method, place)
+            setups[method] = Setup.build(config, bench, method, place, seed=0)
         except Exception:
             continue
     seconds: dict[str, list[float]] = {m: [] for m in setups}

@@ -151,11 +151,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             scaler.step(optimizer)
             scaler.update()
         if tracker is not None:
-            values = report.to_dict()
-            tracker.log(report_row(values), step=step)  # extras and solver fallbacks included
+            row = report_row(report)
+            tracker.log(row, step=step)  # extras and solver fallbacks included
             if step % 10 == 0 or step == config.steps - 1:
                 shown = "  ".join(
-                    f"{t}: loss {values[f'loss/{t}']:.4f} w {values[f'weight/{t}']:.3f}"
+                    f"{t}: loss {row[f'train/loss/{t}']:.4f} w {row[f'weights/{t}']:.3f}"
                     for t in report.tasks
                 )
                 print(f"step {step:4d}  {shown}", flush=True)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from taskbalance.integrations.wandb import Mode, Tracker, start_run
+from taskbalance.report import StepReport
 
 __all__ = [
     "Checkpoint",
@@ -267,20 +268,24 @@ def start_tracking(
     )
 
 
-def report_row(values: Mapping[str, float]) -> dict[str, float]:
-    """A step report's ``to_dict()`` under the scripts' W&B keys, dropping nothing.
+def report_row(report: StepReport) -> dict[str, float]:
+    """A step report under the scripts' W&B keys, dropping nothing (one host transfer).
 
-    ``loss/<task>`` becomes ``train/loss/<task>``, ``weight/<task>`` becomes ``weights/<task>``
-    and every other entry (per-task extras, step scalars such as ``failed``) ``strategy/<key>``.
+    ``loss/<task>`` becomes ``train/loss/<task>``, ``weight/<task>`` becomes ``weights/<task>``,
+    every other entry (per-task extras, step scalars such as ``failures``) ``strategy/<key>``.
+    Built from :meth:`~taskbalance.StepReport.entries`, so no key is parsed back.
 
-        >>> report_row({"loss/a": 0.5, "weight/a": 1.0, "failures": 2.0})
+        >>> import torch
+        >>> scalars = {"failures": torch.tensor(2)}
+        >>> report = StepReport(("a",), torch.tensor([0.5]), torch.tensor([1.0]), scalars=scalars)
+        >>> report_row(report)
         {'train/loss/a': 0.5, 'weights/a': 1.0, 'strategy/failures': 2.0}
     """
     renamed = {"loss": "train/loss", "weight": "weights"}
     row = {}
-    for key, value in values.items():
-        kind, slash, task = key.partition("/")
-        row[f"{renamed[kind]}/{task}" if slash and kind in renamed else f"strategy/{key}"] = value
+    for name, task, value in report.entries():
+        group = renamed.get(name, f"strategy/{name}") if task is not None else "strategy"
+        row[f"{group}/{name if task is None else task}"] = value
     return row
 
 

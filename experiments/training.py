@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import math
 import os
 import time
@@ -218,6 +219,12 @@ def collate(items: Any) -> Any:
     return tuple(items) if isinstance(items, Collated) else default_collate(items)
 
 
+def make_strategy(method: str, tasks: Sequence[str], seed: int) -> tb.Strategy:
+    """``method`` for ``tasks``, with ``seed=seed`` when the strategy takes a seed."""
+    takes_seed = "seed" in inspect.signature(tb.registry.strategy_info(method).cls).parameters
+    return tb.create_strategy(method, tasks, **({"seed": seed} if takes_seed else {}))
+
+
 def own_generator(seed: int, step: int) -> torch.Generator:
     """A DataLoader's own generator: creating its iterator draws the workers' base seed from it,
     not from the global generator, whose state a checkpoint restores exactly."""
@@ -277,9 +284,11 @@ class Setup:
 
     @classmethod
     def build(
-        cls, config: BenchmarkConfig, bench: Benchmark, method: str, place: Distributed
+        cls, config: BenchmarkConfig, bench: Benchmark, method: str, place: Distributed, seed: int
     ) -> Setup:
-        """``method`` is a strategy name or ``"single-task:<task>"`` (one network, one head)."""
+        """``method`` is a strategy name or ``"single-task:<task>"`` (one network, one head).
+        A random strategy (one that takes ``seed=``) draws from the run's ``seed``, so runs with
+        several seeds vary its draws as they vary the initialisation."""
         single = method.startswith(f"{SINGLE}:")
         tasks = (method.split(":", 1)[1],) if single else tuple(bench.tasks)
         model = bench.model(tasks).to(place.device)
@@ -289,7 +298,7 @@ class Setup:
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         optimizer = bench.recipe.make_optimizer(model.parameters(), lr=config.lr)
         scheduler = bench.recipe.make_scheduler(optimizer)
-        strategy = None if single else tb.create_strategy(method, tasks).to(place.device)
+        strategy = None if single else make_strategy(method, tasks, seed).to(place.device)
         cuda_amp = config.amp and place.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda") if cuda_amp else None
         source = gradient_source(method, config.grad_source)
@@ -328,9 +337,7 @@ class Setup:
 
     def end_epoch(self) -> None:
         self.scheduler.step()
-        end_epoch = getattr(self.strategy, "end_epoch", None)
-        if end_epoch is not None:
-            end_epoch()
+        self.strategy.end_epoch()
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs besides model, optimizer and strategy."""
@@ -429,7 +436,7 @@ def train_run(
     """
     place = place or Distributed(device=torch.device(config.device))
     seed_everything(seed)
-    setup = Setup.build(config, bench, method, place)
+    setup = Setup.build(config, bench, method, place, seed)
     model, tasks = setup.model, setup.tasks
     result = RunResult(method, seed)
     train = bench.dataset("train")
@@ -512,10 +519,10 @@ def train_run(
         if report is None:
             record[f"train/loss/{tasks[0]}"] = losses[tasks[0]].item()
         else:
-            values = report.to_dict()  # one host transfer
-            record.update(report_row(values))
-            result.weights.append([values[f"weight/{t}"] for t in tasks])
-            result.failures = int(values.get("failures", result.failures))
+            row = report_row(report)  # one host transfer
+            record.update(row)
+            result.weights.append([row[f"weights/{t}"] for t in tasks])
+            result.failures = int(row.get("strategy/failures", result.failures))
         if (step + 1) % per_epoch == 0:
             setup.end_epoch()
         if (step + 1) % per_epoch == 0 or step + 1 == steps:

@@ -461,12 +461,12 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(Static, "loss_weights", boom)
     # Step scalars in the report (a solver's fallback flag and running count) are logged too,
     # and the final count goes to the run's summary and the table.
-    to_dict = tb.StepReport.to_dict
+    entries = tb.StepReport.entries
 
-    def with_failures(self, prefix=""):
-        return {**to_dict(self, prefix), f"{prefix}failed": 1.0, f"{prefix}failures": 3.0}
+    def with_failures(self):
+        return [*entries(self), ("failed", None, 1.0), ("failures", None, 3.0)]
 
-    monkeypatch.setattr(tb.StepReport, "to_dict", with_failures)
+    monkeypatch.setattr(tb.StepReport, "entries", with_failures)
     methods = ["equal", "uncertainty", "mgda", "static"]
     out = tmp_path / "cmp"
     rows = compare.main(

@@ -114,7 +114,7 @@ def train(
             # sum to T).
             w = report.weight_values.detach()
             weights.append((w / w.sum() * count).tolist())
-            row = report_row(report.to_dict())
+            row = report_row(report)
             row["val/normalised_loss/mean"] = normalised
             tracker.log(row, step=step)
     seconds = time.perf_counter() - start
