@@ -280,18 +280,8 @@ def _linear_layers(losses: Tensor, inputs: Sequence[Tensor]) -> list[_LinearLaye
     """The linear layers of the graph whose weight (and bias, if any) are among ``inputs`` and
     are used exactly once, so that their Jacobian block is ``D_iᵀ x`` (and ``1ᵀ D_i``)."""
     wanted = {id(t) for t in inputs}
-    indegree: dict[Any, int] = {}
-    order: list[Any] = []
-    stack = [losses.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None:
-            continue
-        if node in indegree:
-            continue
-        indegree[node] = 0
-        order.append(node)
-        stack.extend(fn for fn, _ in node.next_functions)
+    order = list(walk_graph(losses.grad_fn))
+    indegree: dict[Any, int] = dict.fromkeys(order, 0)
     for node in order:
         for fn, _ in node.next_functions:
             if fn is not None:
