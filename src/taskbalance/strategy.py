@@ -325,6 +325,11 @@ class Strategy(nn.Module):
         arguments["tasks"] = list(self.tasks)
         return ", ".join(f"{key}={value!r}" for key, value in arguments.items())
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The last step's weak references and closures are no state: copies and pickles of a
+        # strategy start without them.
+        return {**super().__getstate__(), "_last_step": None}
+
     def get_extra_state(self) -> dict[str, list[str]]:
         return {"tasks": list(self.tasks)}
 
