@@ -337,7 +337,8 @@ class Setup:
 
     def end_epoch(self) -> None:
         self.scheduler.step()
-        self.strategy.end_epoch()
+        if self.strategy is not None:  # a single-task network has no strategy
+            self.strategy.end_epoch()
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs besides model, optimizer and strategy."""

@@ -20,9 +20,10 @@ How it works (the base classes call the two functions below; no strategy has to)
   loss ratios, GradNorm's training rates, FAMO's log-loss differences, STCH's nadir point and any
   weight computed from the losses see the statistics of the whole global batch, and the final
   backward of ``Σ w_i L_i`` produces local gradients that DDP averages as usual.
-* **Per-task gradients.** :func:`taskbalance.gradient_aggregation.per_task_jacobian` differentiates the
-  local losses with ``torch.autograd.grad``, which does *not* trigger DDP's reducer (DDP hooks
-  the gradient accumulators, which ``autograd.grad(..., inputs)`` does not run). The rows are then
+* **Per-task gradients.** :func:`taskbalance.gradient_aggregation.per_task_jacobian`
+  differentiates the local losses with ``torch.autograd.grad``, which does *not* trigger DDP's
+  reducer (DDP hooks the gradient accumulators, which ``autograd.grad(..., inputs)`` does not
+  run). The rows are then
   made global (:func:`reduce_rows`): w.r.t. shared parameters the Jacobian is the mean of the
   ranks' Jacobians (one all-reduce); w.r.t. features (``features=``, a per-sample tensor) the
   global Jacobian is the ranks' blocks side by side, divided by the number of ranks (an
