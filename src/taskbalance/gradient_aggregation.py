@@ -511,7 +511,8 @@ def _plain_parameters(batch: TaskLosses, inputs: Sequence[Tensor]) -> bool:
 def _check_squared(
     batch: TaskLosses, inputs: Sequence[Tensor], squared: Tensor, features: bool
 ) -> None:
-    """:func:`_check_rows` from the squared row norms (the Gramian's diagonal)."""
+    """One host sync on the squared row norms (the Gramian's diagonal): the Gramian must not
+    overflow, and every task must reach ``inputs``."""
     healthy = torch.cat([torch.isfinite(squared), squared > 0])
     if bool(healthy.all()):
         return
@@ -524,6 +525,8 @@ def _check_squared(
         )
     argument = "features" if features else "shared_params"
     for position in (squared == 0).nonzero().reshape(-1).tolist():
+        # A zero row is legitimate (a dead ReLU, an exact optimum) unless the task's loss does
+        # not depend on the inputs at all: then the caller passed the wrong tensors.
         if not _task_reaches(batch.values, position, inputs):
             raise StrategyError(
                 f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
@@ -532,21 +535,8 @@ def _check_squared(
 
 
 def _check_rows(batch: TaskLosses, inputs: Sequence[Tensor], rows: Tensor, features: bool) -> None:
-    """One host sync: the Gramian must not overflow, and every task must reach ``inputs``."""
-    squared = rows.square().sum(dim=1)
-    healthy = torch.cat([torch.isfinite(squared), squared > 0])
-    if bool(healthy.all()):
-        return
-    check_gramian_range(rows, batch.names)
-    argument = "features" if features else "shared_params"
-    for position in (squared == 0).nonzero().reshape(-1).tolist():
-        # A zero row is legitimate (a dead ReLU, an exact optimum) unless the task's loss does
-        # not depend on the inputs at all: then the caller passed the wrong tensors.
-        if not _task_reaches(batch.values, position, inputs):
-            raise StrategyError(
-                f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
-                f"{argument}; pass tensors that every present task reaches"
-            )
+    """:func:`_check_squared` of the rows."""
+    _check_squared(batch, inputs, rows.square().sum(dim=1), features)
 
 
 def _task_reaches(values: Tensor, position: int, inputs: Sequence[Tensor]) -> bool:
