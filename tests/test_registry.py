@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import textwrap
 from pathlib import Path
@@ -70,10 +71,35 @@ def test_info_records_paper_and_capabilities() -> None:
     assert not static.needs_grads and not static.stateful
 
 
+@pytest.mark.parametrize("name", tb.list_strategies())
+def test_strategy_info_shows_signature_defaults_and_docstring(name: str) -> None:
+    info = tb.strategy_info(name)
+    text = str(info)
+    assert text.startswith(f"{name}: {info.kind}")
+    assert info.paper in text.splitlines()[0]
+    assert info.signature in text
+    for option, default in info.defaults.items():
+        assert f"{option}={default!r}" in info.signature, option
+    assert inspect.getdoc(info.cls).splitlines()[0] in text  # type: ignore[union-attr]
+    # The listed defaults are the real ones: passing them changes nothing.
+    tasks = ["a", "b"]
+    assert repr(tb.create_strategy(name, tasks, **info.defaults)) == repr(
+        tb.create_strategy(name, tasks)
+    )
+
+
+def test_strategy_info_kind_and_pointer_from_create_strategy() -> None:
+    assert tb.strategy_info("mgda").kind == "gradient-level"
+    assert tb.strategy_info("uncertainty").kind == "loss-level"
+    assert tb.strategy_info("mgda").builtin
+    assert "strategy_info" in (tb.create_strategy.__doc__ or "")
+    assert str(tb.strategy_info("rlw")).startswith("rlw: loss-level, stateful, random (")
+
+
 def test_every_builtin_cites_its_paper() -> None:
     for name in tb.list_strategies():
         info = registry.strategy_info(name)
-        if info.cls.__module__.startswith("taskbalance.strategies") and name not in {
+        if info.builtin and name not in {
             "static",
             "equal",
         }:

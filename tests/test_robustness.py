@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
+import warnings
 from typing import Any
 
 import pytest
@@ -178,7 +180,10 @@ def test_unreached_shared_params_is_an_error(name: str) -> None:
     before = _state(strategy)
     problem.zero_grad()
     losses, _ = problem.losses(1)
-    with pytest.raises(tb.StrategyError, match="task 'b' does not depend on any tensor"):
+    with (
+        pytest.raises(tb.StrategyError, match="task 'b' does not depend on any tensor"),
+        pytest.warns(tb.TaskSpecificInputWarning, match="reached by task\\(s\\) 'a' only"),
+    ):
         strategy.backward(losses, shared_params=list(problem.heads["a"].parameters()))
     _assert_same_state(before, strategy)
     assert all(g is None for g in problem.grads()), "a failed step wrote gradients"
@@ -419,3 +424,142 @@ def test_task_optimizers_state_dict_loads_weights_only_and_resumes(name: str) ->
         assert torch.equal(step(optimizers, problem, index), step(resumed, twin, index))
     for a, b in zip(problem.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- rough edges
+def _two_task_model() -> tuple[nn.ModuleDict, Any]:
+    """``model`` (``model["trunk"]``, ``model["heads"]``) and ``losses()`` on a fixed batch."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+    heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+
+    def losses() -> dict[str, Tensor]:
+        z = trunk(x)
+        return {t: (heads[t](z).squeeze(1) - y[:, i]).pow(2).mean() for i, t in enumerate("ab")}
+
+    return model, losses
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if tb.registry.strategy_info(n).needs_grads])
+def test_heads_among_shared_params_warn_once_naming_them(name: str) -> None:
+    """Chosen behaviour: a warning (TaskSpecificInputWarning), not an error, since the Jacobian
+    over every parameter is a legitimate variant; it names the first such tensor and its tasks."""
+    model, losses = _two_task_model()
+    strategy = tb.create_strategy(name, ["a", "b"])
+    params = list(model.parameters())  # trunk (2 tensors), then head a, then head b
+    with pytest.warns(
+        tb.TaskSpecificInputWarning,
+        match=r"shared_params\[2\] \(shape \(1, 8\)\) "
+        r"is reached by task\(s\) 'a' only, of \['a', 'b'\]",
+    ):
+        strategy.backward(losses(), shared_params=params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy.backward(losses(), shared_params=params)  # checked once per set of tensors
+        fresh = tb.create_strategy(name, ["a", "b"])  # moco, db_mtl: state sized by P
+        fresh.backward(losses(), shared_params=model["trunk"].parameters())
+        partial = {"a": losses()["a"]}  # one task present: nothing to compare
+        strategy.backward(partial, shared_params=list(model.parameters()))
+
+
+def test_task_specific_warning_as_error_changes_nothing() -> None:
+    model, losses = _two_task_model()
+    strategy = tb.create_strategy("uncertainty", ["a", "b"])  # ignores shared_params: no check
+    strategy.backward(losses(), shared_params=model.parameters())
+    gradnorm = tb.create_strategy("gradnorm", ["a", "b"])
+    before = _state(gradnorm)
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tb.TaskSpecificInputWarning)
+        with pytest.raises(tb.TaskSpecificInputWarning):
+            gradnorm.backward(losses(), shared_params=list(model.parameters()))
+    _assert_same_state(before, gradnorm)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_features_tuple_with_per_task_tensors_warns() -> None:
+    """MTAN-like per-task representations passed as a tuple of features (issue 16's trap): each
+    tensor is reached by one task only."""
+    model, _ = _two_task_model()
+    trunk, heads = model["trunk"], model["heads"]
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    strategy = tb.create_strategy("pcgrad", ["a", "b"])
+    for _ in range(2):  # features are new tensors every step: checked every step
+        z = trunk(x)
+        per_task = {t: z * (i + 1.0) for i, t in enumerate("ab")}
+        losses = {
+            t: (heads[t](per_task[t]).squeeze(1) - y[:, i]).pow(2).mean()
+            for i, t in enumerate("ab")
+        }
+        with pytest.warns(tb.TaskSpecificInputWarning, match=r"features\[0\].*'a' only"):
+            strategy.backward(losses, features=(per_task["a"], per_task["b"]))
+
+
+def test_reused_parameter_generator_says_why_it_is_empty() -> None:
+    model, losses = _two_task_model()
+    strategy = tb.create_strategy("mgda", ["a", "b"])
+    params = model["trunk"].parameters()
+    strategy.backward(losses(), shared_params=params)
+    with pytest.raises(
+        tb.StrategyError,
+        match=r"shared_params is empty: it is an iterator that "
+        r"an earlier step used up \(model.parameters\(\) is a generator\)",
+    ):
+        strategy.backward(losses(), shared_params=params)
+    with pytest.raises(tb.StrategyError, match=r"^shared_params is empty$"):
+        strategy.backward(losses(), shared_params=[])
+
+
+def test_tasks_given_as_a_mapping_are_refused() -> None:
+    with pytest.raises(tb.StrategyError, match=r"got a mapping \{'a': 1.0, 'b': 2.0\}"):
+        tb.create_strategy("static", tasks={"a": 1.0, "b": 2.0})
+
+
+def test_task_optimizers_step_with_losses_instead_of_a_closure() -> None:
+    model, losses = _two_task_model()
+    opt = tb.TaskOptimizers(
+        {t: torch.optim.SGD(model.parameters(), lr=0.1) for t in "ab"}, mode="sequential"
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(tb.StrategyError, match=r"step\(\) takes a closure.*got a dict"):
+        opt.step(losses())  # type: ignore[arg-type]
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    opt.step(losses)  # the closure itself works
+
+
+@pytest.mark.parametrize("other", ["famo", "gradnorm", "mgda"])
+def test_loading_another_strategys_state_is_refused_and_changes_nothing(other: str) -> None:
+    _, losses = _two_task_model()
+    strategy = tb.create_strategy("uncertainty", ["a", "b"])
+    strategy.backward(losses())
+    before = _state(strategy)
+    source = tb.create_strategy(other, ["a", "b"]).state_dict()
+    with pytest.raises(
+        tb.StrategyError,
+        match=r"saved by strategy class \w+, this strategy is "
+        r"Uncertainty",
+    ):
+        strategy.load_state_dict(source)
+    # A checkpoint without the class name (before 0.2) still fails with a StrategyError, and
+    # loads nothing of what did fit.
+    source["_extra_state"] = {"tasks": ["a", "b"]}
+    source["log_var"] = torch.tensor([5.0, 5.0])
+    with pytest.raises(
+        tb.StrategyError,
+        match=r"(?s)does not fit Uncertainty\(\['a', 'b'\]\).*"
+        "Unexpected key",
+    ):
+        strategy.load_state_dict(source)
+    _assert_same_state(before, strategy)
+
+
+def test_non_finite_loss_error_names_its_task() -> None:
+    _, losses = _two_task_model()
+    bad = {**losses(), "b": torch.tensor(float("nan"), requires_grad=True)}
+    with pytest.raises(tb.NonFiniteLossError) as caught:
+        tb.create_strategy("equal", ["a", "b"]).backward(bad)
+    assert caught.value.task == "b"
+    copied = pickle.loads(pickle.dumps(caught.value))  # e.g. raised in a worker process
+    assert (copied.task, str(copied)) == ("b", str(caught.value))

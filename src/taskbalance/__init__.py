@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from taskbalance import strategies as _strategies  # noqa: F401  (registers the built-ins)
-from taskbalance.errors import NonFiniteLossError, SolverError, StrategyError
+from taskbalance.errors import (
+    NonFiniteLossError,
+    SolverError,
+    StrategyError,
+    TaskSpecificInputWarning,
+)
 from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.loss_weighting import LossWeighting
 from taskbalance.losses import MultiTaskLoss
 from taskbalance.optim import TaskOptimizers, list_optimizers, make_optimizer
-from taskbalance.registry import create_strategy, list_strategies, register_strategy
+from taskbalance.registry import (
+    StrategyInfo,
+    create_strategy,
+    list_strategies,
+    register_strategy,
+    strategy_info,
+)
 from taskbalance.report import StepReport
 from taskbalance.strategy import Strategy
 
@@ -23,10 +34,13 @@ __all__ = [
     "StepReport",
     "Strategy",
     "StrategyError",
+    "StrategyInfo",
     "TaskOptimizers",
+    "TaskSpecificInputWarning",
     "create_strategy",
     "list_optimizers",
     "list_strategies",
     "make_optimizer",
     "register_strategy",
+    "strategy_info",
 ]

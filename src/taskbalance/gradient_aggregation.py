@@ -18,8 +18,8 @@ from taskbalance.jacobian import (
     backward_with_direction,
     gramian,
     gramian_backward,
+    inputs_reached,
     jacobian,
-    walk_graph,
 )
 from taskbalance.report import StepReport
 from taskbalance.solvers import solver_dtype
@@ -242,7 +242,7 @@ class GradientAggregation(Strategy):
     ) -> StepReport:
         batch = self.gather(losses)
         self._require_graph(batch)
-        inputs = self._grad_inputs(shared_params, features)
+        inputs = self._grad_inputs(shared_params, features, batch)
         before = self._failure_count()
         detached, index = batch.values.detach(), batch.index
         with self.transaction(self._step_mask(batch)):
@@ -287,7 +287,7 @@ class GradientAggregation(Strategy):
         detached, index = batch.values.detach(), batch.index
         if not batch.training:
             return batch.values.sum(), self._report(batch, torch.ones_like(detached), None)
-        inputs = self._grad_inputs(shared_params, features)
+        inputs = self._grad_inputs(shared_params, features, batch)
         repeated = self._repeated_step(losses)
         if repeated is not None:
             make_total, report = repeated
@@ -541,16 +541,8 @@ def _check_rows(batch: TaskLosses, inputs: Sequence[Tensor], rows: Tensor, featu
 
 def _task_reaches(values: Tensor, position: int, inputs: Sequence[Tensor]) -> bool:
     """Whether entry ``position`` of the stacked losses depends on any of ``inputs``."""
-    stack = values.grad_fn
-    if stack is None or type(stack).__name__ != "StackBackward0":
-        return True  # not built by gather: assume it does
-    targets = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
-    leaves = {id(t) for t in inputs if t.grad_fn is None}
-    for node in walk_graph(stack.next_functions[position][0]):
-        variable = getattr(node, "variable", None)
-        if id(node) in targets or (variable is not None and id(variable) in leaves):
-            return True
-    return False
+    reached = inputs_reached(values, inputs)
+    return reached is None or bool(reached[position])  # not built by gather: assume it does
 
 
 def _backward_replacing(

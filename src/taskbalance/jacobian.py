@@ -64,6 +64,7 @@ __all__ = [
     "gramian",
     "gramian_backward",
     "graph_leaves",
+    "inputs_reached",
     "jacobian",
     "task_gramian",
     "walk_graph",
@@ -212,6 +213,31 @@ def walk_graph(*starts: Any) -> Iterator[Any]:
         seen.add(node)
         yield node
         stack.extend(fn for fn, _ in node.next_functions)
+
+
+def inputs_reached(losses: Tensor, inputs: Sequence[Tensor]) -> list[set[int]] | None:
+    """For each entry of the stacked ``losses``, the positions of the ``inputs`` it depends on.
+
+    ``None`` when ``losses`` is not a ``torch.stack`` of per-task losses (no per-task roots).
+    One walk of each task's part of the graph, on the host.
+    """
+    roots = _per_task_roots(losses)
+    if roots is None:
+        return None
+    positions: dict[int, list[int]] = {}
+    for position, tensor in enumerate(inputs):
+        key = id(tensor) if tensor.grad_fn is None else id(tensor.grad_fn)
+        positions.setdefault(key, []).append(position)
+    reached: list[set[int]] = []
+    for root in roots:
+        found: set[int] = set()
+        for node in walk_graph(root.node if isinstance(root, GradientEdge) else None):
+            variable = getattr(node, "variable", None)
+            found.update(positions.get(id(node), ()))
+            if variable is not None:
+                found.update(positions.get(id(variable), ()))
+        reached.append(found)
+    return reached
 
 
 def graph_leaves(root: Tensor) -> list[Tensor]:

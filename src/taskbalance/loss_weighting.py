@@ -106,7 +106,7 @@ class LossWeighting(Strategy):
         batch = self.gather(losses)
         inputs = None
         if self.needs_grads and batch.training:
-            inputs = self._grad_inputs(shared_params, features)
+            inputs = self._grad_inputs(shared_params, features, batch)
         return self._step(losses, batch, inputs)
 
     def backward(
@@ -122,7 +122,7 @@ class LossWeighting(Strategy):
         gradient-level strategy changes no call site."""
         batch = self.gather(losses)
         self._require_graph(batch)
-        inputs = self._grad_inputs(shared_params, features) if self.needs_grads else None
+        inputs = self._grad_inputs(shared_params, features, batch) if self.needs_grads else None
         return self._step(losses, batch, inputs, scaler, run_backward=True)[1]
 
     def _step(

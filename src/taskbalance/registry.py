@@ -36,11 +36,23 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 @dataclass(frozen=True)
 class StrategyInfo:
-    """What the registry knows of a strategy.
+    """What the registry knows of a strategy; ``print()`` it to read the whole of it.
 
     ``stateful`` is derived from the strategy itself: whether an instance built from ``tasks``
     alone declares state (:meth:`Strategy.add_state`: learned weights, running statistics, a
     random generator, the last solution of a solver that may fail).
+
+        >>> import taskbalance as tb
+        >>> info = tb.strategy_info("dwa")
+        >>> info.kind, info.defaults["temperature"]
+        ('loss-level', 2.0)
+        >>> print(info)  # doctest: +ELLIPSIS
+        dwa: loss-level, stateful (Liu, Johns & Davison, 'End-to-End Multi-Task Learning ...)
+        <BLANKLINE>
+        tb.create_strategy("dwa", tasks, *, temperature=2.0, window=None)
+        <BLANKLINE>
+        Dynamic Weight Average: weight each task by how slowly its loss has been falling.
+        ...
     """
 
     name: str
@@ -52,6 +64,54 @@ class StrategyInfo:
     @property
     def stateful(self) -> bool:
         return _declares_state(self.cls)
+
+    @property
+    def kind(self) -> str:
+        """``"gradient-level"`` (needs the per-task gradients) or ``"loss-level"``."""
+        return "gradient-level" if self.needs_grads else "loss-level"
+
+    @property
+    def builtin(self) -> bool:
+        """Whether the strategy ships with taskbalance (not a plug-in)."""
+        return self.cls.__module__.startswith("taskbalance.strategies.")
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The constructor's keyword arguments and their defaults (``tasks`` excluded)."""
+        return {
+            p.name: p.default
+            for p in _options(self.cls)
+            if p.default is not inspect.Parameter.empty
+        }
+
+    @property
+    def signature(self) -> str:
+        """The ``create_strategy`` call with every argument and its default."""
+        options = [str(p.replace(annotation=inspect.Parameter.empty)) for p in _options(self.cls)]
+        return f'tb.create_strategy("{self.name}", tasks, *, {", ".join(options)})'.replace(
+            ", *, )", ")"
+        )
+
+    def __str__(self) -> str:
+        flags = ", ".join(
+            flag
+            for flag, on in (("stateful", self.stateful), ("random", not self.deterministic))
+            if on
+        )
+        header = f"{self.name}: {self.kind}{f', {flags}' if flags else ''}"
+        if self.paper:
+            header += f" ({self.paper})"
+        return f"{header}\n\n{self.signature}\n\n{inspect.getdoc(self.cls) or ''}".rstrip()
+
+
+def _options(cls: type[Strategy]) -> list[inspect.Parameter]:
+    """The constructor's parameters after ``tasks``, as ``create_strategy`` passes them."""
+    return [
+        p
+        for p in inspect.signature(cls).parameters.values()
+        if p.name != "tasks"
+        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
 
 
 _STATEFUL: dict[type[Strategy], bool] = {}
@@ -131,7 +191,11 @@ def list_strategies(pattern: str = "*") -> list[str]:
 
 
 def strategy_info(name: str) -> StrategyInfo:
-    """The registry's record for ``name``; an unknown name lists the close matches."""
+    """The registry's record for ``name``: ``print(tb.strategy_info("mgda"))`` shows the
+    strategy's kind, paper, every constructor argument with its default, and its docstring.
+
+    An unknown name lists the close matches.
+    """
     _load_entry_points()
     key = name.lower() if isinstance(name, str) else name
     if key not in _REGISTRY:
@@ -144,19 +208,18 @@ def strategy_info(name: str) -> StrategyInfo:
 
 
 def create_strategy(name: str, tasks: Sequence[str], **kwargs: Any) -> Strategy:
-    """Build the strategy registered as ``name`` for ``tasks`` with keyword arguments."""
+    """Build the strategy registered as ``name`` for ``tasks`` with keyword arguments.
+
+    Each strategy's arguments, defaults and paper: ``print(tb.strategy_info(name))`` (or the
+    strategy's page in the documentation); ``tb.list_strategies()`` lists the names.
+    """
     info = strategy_info(name)
-    accepted = [
-        p.name
-        for p in inspect.signature(info.cls).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-        or p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    ]
+    accepted = [p.name for p in _options(info.cls)]
     for key in kwargs:
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            options = ", ".join(a for a in accepted if a != "tasks")
+            options = ", ".join(accepted)
             raise StrategyError(
                 f"strategy {info.name!r} takes no argument {key!r}{hint} (it takes: {options})"
             )

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import inspect
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance import distributed
-from taskbalance.errors import NonFiniteLossError, StrategyError
-from taskbalance.jacobian import graph_leaves
+from taskbalance.errors import NonFiniteLossError, StrategyError, TaskSpecificInputWarning
+from taskbalance.jacobian import graph_leaves, inputs_reached
 from taskbalance.report import StepReport
 from taskbalance.validation import (
     TaskLosses,
@@ -188,6 +190,8 @@ class Strategy(nn.Module):
         self._index_cache: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor, Tensor]] = {}
         self._states: dict[str, bool] = {}  # declared state: name -> one row per task
         self._last_step: tuple[tuple[tuple[str, Any], ...], Any] | None = None
+        # Sets of parameters already checked for task-specific tensors (host-side ids).
+        self._checked_inputs: set[tuple[Any, ...]] = set()
 
     # ----------------------------------------------------------------- declared state
     def add_state(
@@ -330,8 +334,8 @@ class Strategy(nn.Module):
         # strategy start without them.
         return {**super().__getstate__(), "_last_step": None}
 
-    def get_extra_state(self) -> dict[str, list[str]]:
-        return {"tasks": list(self.tasks)}
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "strategy": type(self).__qualname__}
 
     def set_extra_state(self, state: Any) -> None:
         saved = list(state["tasks"]) if isinstance(state, Mapping) else None
@@ -339,6 +343,29 @@ class Strategy(nn.Module):
             raise StrategyError(
                 f"state_dict was saved for tasks {saved}, this strategy has {list(self.tasks)}"
             )
+        kind = state.get("strategy", type(self).__qualname__)  # absent before version 0.2
+        if kind != type(self).__qualname__:
+            raise StrategyError(
+                f"state_dict was saved by strategy class {kind}, this strategy is "
+                f"{type(self).__qualname__}: build the strategy the checkpoint came from"
+            )
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing, with a :class:`StrategyError`.
+
+        The state is first loaded into a copy: a state_dict that does not fit (another strategy's,
+        other options, missing keys) raises before this strategy changes at all.
+        """
+        try:
+            nn.Module.load_state_dict(copy.deepcopy(self), state_dict, strict, assign)
+        except RuntimeError as error:
+            raise StrategyError(
+                f"this state_dict does not fit {type(self).__qualname__}({list(self.tasks)}): "
+                f"{error}"
+            ) from error
+        return super().load_state_dict(state_dict, strict, assign)
 
     def _load_from_state_dict(
         self,
@@ -421,7 +448,7 @@ class Strategy(nn.Module):
             )
         bad = names[finite.tolist().index(False)]
         where = "" if not bool(torch.isfinite(values).all()) else " on another rank"
-        raise NonFiniteLossError(f"loss of task {bad!r} is not finite{where}")
+        raise NonFiniteLossError(f"loss of task {bad!r} is not finite{where}", task=bad)
 
     def _index_and_mask(
         self, names: tuple[str, ...], device: torch.device
@@ -463,6 +490,7 @@ class Strategy(nn.Module):
         self,
         shared_params: Iterable[Tensor] | None,
         features: Tensor | Sequence[Tensor] | None,
+        batch: TaskLosses,
     ) -> list[Tensor]:
         if (shared_params is None) == (features is None):
             raise StrategyError(
@@ -470,18 +498,63 @@ class Strategy(nn.Module):
                 "parameters) or features= (the output of the shared trunk)"
             )
         if features is not None:
+            given: Any = features
             inputs = [features] if isinstance(features, Tensor) else list(features)
             argument = "features"
         else:
-            assert shared_params is not None
-            inputs = list(shared_params)
+            given = shared_params
+            inputs = list(given)
             argument = "shared_params"
         if not inputs:
-            raise StrategyError(f"{argument} is empty")
+            used_up = iter(given) is given  # a generator such as model.parameters()
+            raise StrategyError(
+                f"{argument} is empty"
+                + (
+                    ": it is an iterator that an earlier step used up (model.parameters() is a "
+                    "generator); pass model.trunk.parameters() anew at every step, or a list"
+                    if used_up
+                    else ""
+                )
+            )
         for tensor in inputs:
             if not isinstance(tensor, Tensor) or not tensor.requires_grad:
                 raise StrategyError(f"every tensor in {argument} must require grad")
+        if batch.training:
+            self._warn_task_specific(batch, inputs, argument)
         return inputs
+
+    def _warn_task_specific(
+        self, batch: TaskLosses, inputs: Sequence[Tensor], argument: str
+    ) -> None:
+        """Warn about a tensor of ``inputs`` that some present tasks reach and others do not
+        (:class:`TaskSpecificInputWarning`). Parameters are checked once per set of tensors and
+        tasks (a walk of the graph on the host); several feature tensors at every step."""
+        if len(batch.names) < 2 or len(inputs) < 2:
+            return
+        key = None
+        if all(t.grad_fn is None for t in inputs):
+            key = (batch.names, *map(id, inputs))
+            if key in self._checked_inputs:
+                return
+        reached = inputs_reached(batch.values, inputs)
+        if key is not None:
+            self._checked_inputs.add(key)
+        if reached is None:
+            return
+        for position, tensor in enumerate(inputs):
+            tasks = [name for name, found in zip(batch.names, reached) if position in found]
+            if 0 < len(tasks) < len(batch.names):
+                warnings.warn(
+                    f"{argument}[{position}] (shape {tuple(tensor.shape)}) is reached by task(s) "
+                    f"{', '.join(map(repr, tasks))} only, of {list(batch.names)}: a "
+                    "task-specific tensor (a head?) among the shared ones changes the weights "
+                    "of gradient methods. Pass only what every task shares (e.g. "
+                    "model.trunk.parameters()); to differentiate w.r.t. it on purpose, filter "
+                    "tb.TaskSpecificInputWarning",
+                    TaskSpecificInputWarning,
+                    stacklevel=4,
+                )
+                return
 
     @contextlib.contextmanager
     def transaction(self, mask: Tensor | None = None) -> Iterator[None]:

@@ -47,6 +47,12 @@ class TaskLosses:
 def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     if isinstance(tasks, str) or not isinstance(tasks, Iterable):
         raise StrategyError(f"tasks must be a sequence of task names, got {tasks!r}")
+    if isinstance(tasks, Mapping):  # its keys would be taken silently, its values dropped
+        raise StrategyError(
+            f"tasks must be a sequence of task names, got a mapping {dict(tasks)!r}: pass "
+            "list(...) of its keys, and any per-task values as the strategy's own argument "
+            "(e.g. static's weights=)"
+        )
     names = tuple(tasks)
     if not names:
         raise StrategyError("tasks must name at least one task")
@@ -157,7 +163,8 @@ def check_finite(names: Sequence[str], values: Tensor) -> None:
     if not bool(finite.all()):
         position = finite.tolist().index(False)
         raise NonFiniteLossError(
-            f"loss of task {names[position]!r} is not finite ({values[position].item()})"
+            f"loss of task {names[position]!r} is not finite ({values[position].item()})",
+            task=names[position],
         )
 
 

@@ -295,6 +295,12 @@ class TaskOptimizers(Mapping[str, Optimizer]):
         the GradScaler (simultaneous mode takes it in :meth:`backward`). Returns the step's
         report; with an enabled scaler its ``extras["skipped"]`` is 1 where the step was skipped.
         """
+        if closure is not None and not callable(closure):
+            raise StrategyError(
+                f"step() takes a closure, a function that recomputes the losses at the current "
+                f"parameters (mode='sequential'), got a {type(closure).__name__}; with losses "
+                "already computed use mode='simultaneous': backward(losses), then step()"
+            )
         if self.mode == "sequential":
             if closure is None:
                 raise StrategyError("mode='sequential' needs step(closure), closure() -> losses")
