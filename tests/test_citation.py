@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 import taskbalance as tb
@@ -37,3 +38,14 @@ def test_every_builtin_strategy_paper_is_referenced() -> None:
             assert all(i in text for i in ids), f"{name}: arXiv {ids} missing from CITATION.cff"
         else:
             assert any(t in info.paper.lower() for t in titles), f"{name}: paper not referenced"
+
+
+def test_one_version_number() -> None:
+    """``taskbalance.__version__`` is the version: pyproject reads it, CITATION.cff cites it."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((CITATION.parent / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"], "a second version in pyproject.toml"
+    assert "version" in pyproject["project"]["dynamic"]
+    dynamic = pyproject["tool"]["setuptools"]["dynamic"]["version"]
+    assert dynamic == {"attr": "taskbalance.__version__"}
+    assert yaml.safe_load(CITATION.read_text())["version"] == tb.__version__
