@@ -41,8 +41,17 @@ W&B (offline by default, under ``<out>/wandb``): one run per (strategy, seed) in
 weights), ``grad/...`` diagnostics and, at epoch ends, ``val/<task>/<metric>`` and
 ``val/loss/<task>``; a summary per run (``final/<task>/<metric>``, the final ``failures``
 count: 0 when the strategy reports none; the table sums it over seeds); and one ``comparison``
-run with the figures and the table's numbers. ``<out>`` gets ``results.csv``, ``results.md``,
-``metrics.png``, ``weights.png`` and ``tradeoff.png`` (Δm against step time).
+run with the figures and the table's numbers. The config of a run holds the script's settings
+and the strategy's resolved constructor arguments (``strategy_args``, with the run's seed for
+the random strategies). Beside each W&B run, ``<out>/runs/<run>/history.jsonl`` holds the same
+rows, config and summary as JSON lines (:class:`experiments.runner.HistoryTracker`), readable
+without W&B (:func:`experiments.runner.read_history`). ``<out>`` gets ``results.csv``,
+``results.md`` (sorted by Δm%, best first), ``metrics.png`` (a dot plot per metric and of Δm%),
+``weights.png`` (the task weights over the steps) and ``tradeoff.png`` (Δm against step time).
+
+Progress: on a terminal, tqdm bars; otherwise (``nohup``, SLURM, a pipe) a line on standard
+error per epoch of every run (``--progress-every N``: every N steps) and one per finished run,
+with an ETA.
 
 Under ``torchrun`` every training run is data-parallel over the ranks; rank 0 logs, writes the
 tables and figures; the side-by-side timing needs one process and is skipped.
@@ -64,14 +73,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 import taskbalance as tb
 from experiments.benchmarks import Benchmark
 from experiments.runner import (
     batch_indices,
+    draws_bars,
+    duration,
+    history_path,
     markdown_table,
     parse_config,
     progress,
+    read_history,
     seed_everything,
     select_strategies,
     start_tracking,
@@ -121,6 +135,13 @@ class CompareConfig(BenchmarkConfig):
         default=100, metadata={"help": "steps per method of the side-by-side timing (0: none)"}
     )
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1: stable timings)"})
+    replot: bool = field(
+        default=False,
+        metadata={
+            "help": "train nothing: redraw the figures from <out>/results.csv and the first "
+            "seed's <out>/runs/*/history.jsonl of an earlier comparison"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +151,7 @@ class CompareConfig(BenchmarkConfig):
             raise ValueError(f"timing_steps must be >= 0, got {self.timing_steps}")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
+        select_strategies(self.strategies)  # a typo ends the parse with the close matches
 
 
 def time_steps(config: CompareConfig, bench: Benchmark, methods: Sequence[str]) -> dict[str, float]:
@@ -275,6 +297,15 @@ def delta_m_baseline(
     return {}, "nothing (no single-task baseline)"
 
 
+def table_order(row: Mapping[str, Any]) -> tuple[int, float]:
+    """Sort key of the table: the single-task baseline first, then by Δm% (best first), then the
+    rows without a Δm% (failed, or nothing to measure against) in the order they ran."""
+    if row["method"] == SINGLE:
+        return (0, 0.0)
+    delta = row["delta_m_mean"]
+    return (1, -delta) if not math.isnan(delta) else (2, 0.0)
+
+
 def summarise(
     bench: Benchmark,
     results: dict[str, list[RunResult]],
@@ -284,9 +315,10 @@ def summarise(
     trained_baselines: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """(numeric rows for the CSV, formatted rows for Markdown and the console, what Δm% is
-    measured against).
+    measured against), in :func:`table_order`: the baseline first, then by Δm%, best first.
 
-    Δm% is measured against :func:`delta_m_baseline`.
+    Δm% is measured against :func:`delta_m_baseline`. A formatted value is the mean ± the
+    sample standard deviation over the seeds, or the value alone when one seed ran.
     ``step_ms`` is the side-by-side timing of :func:`time_steps` when given (NaN without it);
     ``train_step_ms`` the median step time during the training runs (exposed to load changes).
     """
@@ -348,7 +380,7 @@ def summarise(
         row["status"] = "ok" if not failed else f"failed {len(failed)}/{total}"
         row["error"] = failed[0].error if failed else ""
         numeric.append(row)
-    numeric.sort(key=lambda r: r["method"] != SINGLE)  # the baseline first, the rest in order
+    numeric.sort(key=table_order)
 
     formatted = []
     for row in numeric:
@@ -378,126 +410,291 @@ def summarise(
 
 # --------------------------------------------------------------------------- figures
 MAX_METRIC_PANELS = 9
+# One colour and marker per kind of method, the same in every figure.
+KIND_STYLE = {
+    "loss": {"color": "tab:blue", "marker": "o", "label": "loss-level"},
+    "gradient": {"color": "tab:red", "marker": "s", "label": "gradient-level"},
+}
+TASK_LINES = ("-", "--", ":", "-.")
+
+
+def _by_delta_m(numeric: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The methods' rows (no baseline), best Δm first, rows without a Δm last."""
+    return sorted((r for r in numeric if r["method"] != SINGLE), key=table_order)
 
 
 def metrics_figure(
     numeric: Sequence[dict[str, Any]], bench: Benchmark, single: Mapping[str, float]
 ) -> Any:
-    """One panel per metric (the first nine): horizontal bars, mean ± std over seeds, methods
-    sorted by Δm; ``single`` (the values Δm is measured against) dashed."""
+    """A dot plot per metric (the first nine) and one of Δm%: the mean over seeds (dot) ± the
+    standard deviation (line), methods sorted by Δm%, best at the top; the values Δm is measured
+    against dashed, the trained baselines' ± std over seeds shaded.
+
+    Dots, not bars: a bar's length claims a distance from zero, and accuracies of 75–90 % drawn
+    from zero hide their differences, drawn from 70 % exaggerate them. A dot's axis can span just
+    the data (it does: mean ± std and the reference, padded), and the reader compares positions.
+    """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
+    rows = _by_delta_m(numeric)
+    baseline = next((r for r in numeric if r["method"] == SINGLE), None)
     metrics = list(bench.metrics)[:MAX_METRIC_PANELS]
-    rows = [r for r in numeric if r["method"] != SINGLE]
-    rows.sort(key=lambda r: r["delta_m_mean"] if not math.isnan(r["delta_m_mean"]) else -1e9)
-    columns = min(3, len(metrics))
-    lines = math.ceil(len(metrics) / columns)
+    panels: list[str | None] = [*metrics, None]  # None: the Δm% panel
+    columns = min(3, len(panels))
+    lines = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(
         lines,
         columns,
-        figsize=(3.4 * columns, 0.6 + (0.8 + 0.2 * max(len(rows), 1)) * lines),
-        dpi=90,
+        figsize=(3.3 * columns + 1.0, 1.0 + (0.5 + 0.17 * max(len(rows), 1)) * lines),
+        dpi=100,
         squeeze=False,
         sharey=True,
     )
-    for axis, metric in zip(axes.flat, metrics):
-        scale = 100.0 if bench.metrics[metric].unit == "fraction" else 1.0
-        means = [scale * r[f"{metric}_mean"] for r in rows]
-        axis.barh(
-            range(len(rows)),
-            means,
-            xerr=[scale * r[f"{metric}_std"] for r in rows],
-            color="tab:blue",
-            error_kw={"elinewidth": 0.8},
-        )
-        shown = [m for m in means if not math.isnan(m)]
-        if metric in single:
-            axis.axvline(scale * single[metric], color="k", linestyle="--", lw=1)
-            shown.append(scale * single[metric])
+    positions = range(len(rows))
+    for axis, metric in zip(axes.flat, panels):
+        if metric is None:
+            scale, key, title = 1.0, "delta_m", "Δm % vs single-task (↑)"
+            reference, spread = (0.0, math.nan) if single else (math.nan, math.nan)
+            if baseline is not None and single and baseline["seeds"] > 1:
+                spread = baseline["delta_m_std"]
+        else:
+            scale = 100.0 if bench.metrics[metric].unit == "fraction" else 1.0
+            key = metric
+            arrow = "↑" if bench.metrics[metric].higher_is_better else "↓"
+            title = f"{metric}{' %' if scale == 100 else ''} ({arrow})"
+            reference = scale * single[metric] if metric in single else math.nan
+            spread = math.nan
+            if baseline is not None and metric in single and baseline["seeds"] > 1:
+                spread = scale * baseline[f"{metric}_std"]
+        means = [scale * r[f"{key}_mean"] for r in rows]
+        stds = [scale * r[f"{key}_std"] if r["seeds"] > 1 else 0.0 for r in rows]
+        for y, row, mean, std in zip(positions, rows, means, stds):
+            if math.isnan(mean):
+                continue
+            style = KIND_STYLE[row["kind"]]
+            axis.plot([mean - std, mean + std], [y, y], color=style["color"], lw=1, alpha=0.5)
+            axis.plot(mean, y, style["marker"], color=style["color"], markersize=4)
+        shown = [m + s * d for m, s in zip(means, stds) for d in (-1, 1) if not math.isnan(m)]
+        if not math.isnan(reference):
+            axis.axvline(reference, color="k", linestyle="--", lw=0.9)
+            shown.append(reference)
+            if not math.isnan(spread):
+                axis.axvspan(reference - spread, reference + spread, color="0.85", zorder=0)
+                shown += [reference - spread, reference + spread]
         if shown:
             low, high = min(shown), max(shown)
-            pad = max(0.1 * (high - low), abs(high) * 0.01, 1e-9)
+            pad = max(0.06 * (high - low), abs(high) * 0.005, 1e-9)
             axis.set_xlim(low - pad, high + pad)
-        arrow = "↑" if bench.metrics[metric].higher_is_better else "↓"
-        axis.set_title(f"{metric}{' %' if scale == 100 else ''} ({arrow})", fontsize=8)
-        axis.xaxis.set_major_locator(MaxNLocator(4))
-        axis.tick_params(labelsize=6)
-    for axis in list(axes.flat)[len(metrics) :]:
+        axis.set_title(title, fontsize=9)
+        axis.xaxis.set_major_locator(MaxNLocator(5))
+        axis.tick_params(labelsize=7)
+        axis.grid(axis="y", color="0.92", lw=0.6)
+        axis.grid(axis="x", color="0.92", lw=0.6)
+        axis.set_axisbelow(True)
+    for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
-    axes[0][0].set_yticks(range(len(rows)), [r["method"] for r in rows])
+    axes[0][0].set_yticks(list(positions), [r["method"] for r in rows])
+    if rows:
+        axes[0][0].set_ylim(len(rows) - 0.5, -0.5)  # best at the top
+    handles = [
+        Line2D([], [], marker=s["marker"], color=s["color"], ls="-", lw=1, label=s["label"])
+        for s in KIND_STYLE.values()
+    ]
+    handles.append(Line2D([], [], color="k", ls="--", lw=0.9, label="what Δm is measured against"))
+    if baseline is not None and baseline["seeds"] > 1 and single:
+        handles.append(Patch(color="0.85", label="single-task ± std over seeds"))
+    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     figure.suptitle(
-        f"{bench.name}: test metrics (mean ± std over seeds, sorted by Δm); dashed: what Δm is "
-        "measured against",
-        fontsize=9,
+        f"{bench.name}: test metrics, mean ± std over seeds, sorted by Δm % "
+        "(axes span the data, not from 0)",
+        fontsize=10,
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     return figure
 
 
-def weights_figure(results: dict[str, list[RunResult]], tasks: Sequence[str]) -> Any:
-    """Task weights over the training steps of each strategy's first seed, one panel each."""
-    import matplotlib.pyplot as plt
+def _running_mean(values: Tensor, window: int) -> Tensor:
+    """The mean of the last ``window`` values at every step (fewer at the start)."""
+    sums = torch.cumsum(torch.nan_to_num(values.double()), 0)
+    counts = torch.arange(1, len(values) + 1, dtype=torch.float64)
+    shifted = torch.cat([torch.zeros(window, dtype=torch.float64), sums])[: len(values)]
+    return ((sums - shifted) / counts.clamp(max=window)).float()
 
+
+def weights_figure(
+    results: dict[str, list[RunResult]],
+    tasks: Sequence[str],
+    kinds: Mapping[str, str] | None = None,
+) -> Any:
+    """Task weights over the training steps of each strategy's first seed: one panel per
+    strategy (loss-level first, then gradient-level, alphabetical within), one line style and
+    colour per task; every step thin and faint, the running mean thick, so that two tasks'
+    weights stay visible where they coincide and where they jump from step to step."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    kinds = kinds or {}
     runs = [runs[0] for method, runs in results.items() if ":" not in method and runs[0].weights]
+    order = {"loss": 0, "gradient": 1}
+    runs.sort(key=lambda r: (order.get(kinds.get(r.method, ""), 2), r.method))
     columns = min(5, max(len(runs), 1))
     lines = max(1, math.ceil(len(runs) / columns))
     figure, axes = plt.subplots(
         lines,
         columns,
-        figsize=(2.1 * columns, 1.5 * lines + 0.4),
-        dpi=80,
+        figsize=(2.3 * columns, 1.55 * lines + 0.8),
+        dpi=100,
         squeeze=False,
         sharex=True,
     )
+    steps = max((len(r.weights) for r in runs), default=1)
+    window = max(1, steps // 40)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, run in zip(axes.flat, runs):
         history = torch.tensor(run.weights)
-        for k, task in enumerate(tasks):
-            axis.plot(history[:, k].numpy(), linewidth=0.8, label=task)
-        axis.set_title(run.method, fontsize=8)
+        for k in range(len(tasks)):
+            colour, style = colours[k % len(colours)], TASK_LINES[k % len(TASK_LINES)]
+            axis.plot(history[:, k].numpy(), color=colour, lw=0.4, alpha=0.3)
+            smooth = _running_mean(history[:, k], window).numpy()
+            axis.plot(smooth, color=colour, lw=1.4, ls=style)
+        kind = kinds.get(run.method)
+        axis.set_title(run.method + (f" ({kind})" if kind else ""), fontsize=8)
         axis.tick_params(labelsize=6)
+        axis.margins(y=0.08)
+        axis.grid(color="0.93", lw=0.5)
     for axis in list(axes.flat)[len(runs) :]:
         axis.axis("off")
+    for axis in axes[-1]:
+        axis.set_xlabel("step", fontsize=7)
     if runs and len(tasks) <= 10:
-        axes.flat[0].legend(fontsize=6)
+        handles = [
+            Line2D([], [], color=colours[k % len(colours)], lw=1.4, ls=TASK_LINES[k % 4], label=t)
+            for k, t in enumerate(tasks)
+        ]
+        figure.legend(handles=handles, loc="upper right", ncol=len(tasks), fontsize=8)
     figure.suptitle(
-        f"task weights over training steps (seed {runs[0].seed if runs else 0})", fontsize=9
+        f"task weights over training (seed {runs[0].seed if runs else 0}): thin, every step; "
+        f"thick, the running mean over {window} steps",
+        fontsize=9,
+        x=0.02,
+        ha="left",
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.98))
     return figure
 
 
+def _place_labels(axis: Any, points: Sequence[tuple[float, float]], names: Sequence[str]) -> None:
+    """Label each point where its text overlaps no other label or point: candidate offsets
+    around it at growing distances, the first free one taken (the most crowded points choose
+    first). A label right next to its point must be nearer to it than to any other point;
+    one moved further away gets a leader line to its point."""
+    from matplotlib.transforms import Bbox
+
+    figure = axis.figure
+    figure.canvas.draw()  # fixes the transforms and fonts that measuring needs
+    renderer = figure.canvas.get_renderer()
+    frame = axis.get_window_extent(renderer)
+    where = [tuple(p) for p in axis.transData.transform(points)] if points else []
+    marks = [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in where]
+    crowding = [sum(math.dist(p, q) < 40 for q in where) for p in where]
+    placed: list[Any] = []
+    directions = [math.radians(a) for a in (30, 150, 210, 330, 90, 270, 0, 180, 60, 120, 240, 300)]
+    near, font = 5, 7
+
+    def gap(box: Any, x: float, y: float) -> float:
+        return math.hypot(max(box.x0 - x, 0, x - box.x1), max(box.y0 - y, 0, y - box.y1))
+
+    for i in sorted(range(len(names)), key=lambda i: -crowding[i]):
+        best: tuple[float, float, float, str, str] | None = None
+        best_cost = math.inf
+        for radius in (near, 12, 18, 26, 36, 48, 62, 78, 96):
+            for angle in directions:
+                dx, dy = radius * math.cos(angle), radius * math.sin(angle)
+                ha = "left" if dx > 1 else "right" if dx < -1 else "center"
+                va = "bottom" if dy > 1 else "top" if dy < -1 else "center"
+                text = axis.annotate(
+                    names[i], points[i], xytext=(dx, dy), textcoords="offset points",
+                    fontsize=font, ha=ha, va=va,
+                )  # fmt: skip
+                box = text.get_window_extent(renderer).expanded(1.08, 1.2)
+                text.remove()
+                outside = not (
+                    frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
+                    and box.y1 <= frame.y1
+                )  # fmt: skip
+                hits = sum(box.overlaps(other) for other in [*placed, *marks])
+                # Without a leader line, the nearest point must be the label's own.
+                own = gap(box, *where[i])
+                unclear = radius == near and any(
+                    gap(box, *p) < own + 6 for j, p in enumerate(where) if j != i
+                )
+                cost = hits + 10 * outside + unclear + radius / 1000
+                if cost < best_cost:
+                    best, best_cost = (dx, dy, radius, ha, va), cost
+            if best_cost < 1:
+                break
+        assert best is not None
+        dx, dy, radius, ha, va = best
+        leader = {"arrowstyle": "-", "color": "0.4", "lw": 0.6, "shrinkA": 0, "shrinkB": 3}
+        text = axis.annotate(
+            names[i], points[i], xytext=(dx, dy), textcoords="offset points", fontsize=font,
+            ha=ha, va=va, arrowprops=leader if radius > near else None,
+        )  # fmt: skip
+        placed.append(text.get_window_extent(renderer).expanded(1.08, 1.2))
+
+
 def tradeoff_figure(numeric: Sequence[dict[str, Any]], bench: Benchmark) -> Any:
-    """Δm% (mean ± std over seeds) against the side-by-side step time, one point per method."""
+    """Δm% (mean ± std over seeds) against the side-by-side step time, one point per method,
+    each labelled where its name overlaps nothing (with a leader line when moved away); the
+    dotted lines cross at equal weighting, the dashed one is the single-task level (Δm = 0)."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows = [
         r
         for r in numeric
         if r["method"] != SINGLE and not math.isnan(r["delta_m_mean"] + r["step_ms"])
     ]
-    figure, axis = plt.subplots(figsize=(6.5, 4.2), dpi=90)
+    figure, axis = plt.subplots(figsize=(8.0, 5.6), dpi=100)
     for row in rows:
-        gradient = row["kind"] == "gradient"
-        axis.errorbar(
+        style = KIND_STYLE[row["kind"]]
+        drawn = axis.errorbar(
             row["step_ms"],
             row["delta_m_mean"],
-            yerr=row["delta_m_std"],
-            fmt="s" if gradient else "o",
-            color="tab:red" if gradient else "tab:blue",
-            markersize=4,
-            elinewidth=0.6,
+            yerr=row["delta_m_std"] if row["seeds"] > 1 else None,
+            fmt=style["marker"],
+            color=style["color"],
+            markersize=4.5,
+            elinewidth=0.8,
         )
-        axis.annotate(
-            row["method"], (row["step_ms"], row["delta_m_mean"]), fontsize=6,
-            xytext=(3, 2), textcoords="offset points",
-        )  # fmt: skip
-    axis.axhline(0, color="gray", linewidth=0.8, linestyle="--")
+        for bar in drawn[2]:  # faint: the spreads are long and would hide the labels
+            bar.set_alpha(0.25)
+    axis.axhline(0, color="0.3", linewidth=0.8, linestyle="--")
+    equal = next((r for r in rows if r["method"] == "equal"), None)
+    if equal is not None:
+        axis.axhline(equal["delta_m_mean"], color="0.6", lw=0.7, ls=":")
+        axis.axvline(equal["step_ms"], color="0.6", lw=0.7, ls=":")
+    handles = [
+        Line2D([], [], marker=s["marker"], color=s["color"], ls="none", label=s["label"])
+        for s in KIND_STYLE.values()
+    ]
+    handles.append(Line2D([], [], color="0.3", lw=0.8, ls="--", label="single-task (Δm = 0)"))
+    if equal is not None:
+        handles.append(Line2D([], [], color="0.6", lw=0.7, ls=":", label="equal weighting"))
+    axis.legend(handles=handles, fontsize=7, loc="lower left", framealpha=0.9)
     axis.set_xlabel("ms per training step (measured side by side)")
     axis.set_ylabel("Δm % vs single-task (higher is better)")
-    axis.set_title(f"{bench.name}: benefit vs cost (circles: loss-level, squares: gradient-level)")
-    axis.title.set_fontsize(9)
+    seeds = max((r["seeds"] for r in rows), default=0)
+    spread = "mean ± std over seeds" if seeds > 1 else "one seed"
+    axis.set_title(f"{bench.name}: benefit vs cost ({spread}; up and left is better)", fontsize=10)
+    axis.margins(x=0.12, y=0.08)
     figure.tight_layout()
+    _place_labels(
+        axis, [(r["step_ms"], r["delta_m_mean"]) for r in rows], [r["method"] for r in rows]
+    )
     return figure
 
 
@@ -516,9 +713,96 @@ def resolve(config: CompareConfig) -> CompareConfig:
     )
 
 
+def draw_figures(
+    numeric: Sequence[dict[str, Any]],
+    bench: Benchmark,
+    single: Mapping[str, float],
+    results: dict[str, list[RunResult]],
+    out: Path,
+) -> dict[str, Any]:
+    """The three figures, saved as ``<out>/<name>.png`` (none, with a note, without
+    matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError as error:
+        print(f"[compare] no figures: {error}", file=sys.stderr)
+        return {}
+    kinds = {r["method"]: r["kind"] for r in numeric}
+    figures = {
+        "metrics": metrics_figure(numeric, bench, single),
+        "weights": weights_figure(results, bench.tasks, kinds),
+        "tradeoff": tradeoff_figure(numeric, bench),
+    }
+    for name, figure in figures.items():
+        figure.savefig(out / f"{name}.png")
+    return figures
+
+
+_TEXT_COLUMNS = frozenset({"method", "kind", "grads", "status", "error"})
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The numeric rows of a ``results.csv`` written by :func:`main`, typed again."""
+    import csv
+
+    rows = []
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            typed: dict[str, Any] = {}
+            for key, text in row.items():
+                if key in _TEXT_COLUMNS:
+                    typed[key] = text
+                elif key in ("seeds", "failures"):
+                    typed[key] = int(text)
+                else:
+                    typed[key] = float(text) if text else math.nan
+            rows.append(typed)
+    return rows
+
+
+def replot(config: CompareConfig) -> list[dict[str, Any]]:
+    """``--replot``: the figures of an earlier comparison in ``--out`` drawn again from its
+    ``results.csv`` and, for the weights, the history files of each method's first seed
+    (``--seeds``); nothing is trained. Returns the table's rows."""
+    out = Path(config.out)
+    bench = load_benchmark(config)
+    if not (out / "results.csv").exists():
+        raise SystemExit(f"--replot: no {out / 'results.csv'}; run the comparison first")
+    numeric = read_results(out / "results.csv")
+    baseline = next((r for r in numeric if r["method"] == SINGLE), None)
+    single = {}
+    if baseline is not None:
+        single = {m: baseline[f"{m}_mean"] for m in bench.metrics}
+        single = {m: v for m, v in single.items() if not math.isnan(v)}
+    if not single and bench.reference:
+        single = dict(bench.reference.values)
+    results: dict[str, list[RunResult]] = {}
+    for row in numeric:
+        method = row["method"]
+        for seed in config.seeds:
+            path = history_path(out, f"{method}-s{seed}")
+            if method == SINGLE or not path.exists():
+                continue
+            keys = [f"weights/{t}" for t in bench.tasks]
+            rows = read_history(path)["history"]
+            weights = [[r[k] for k in keys] for r in rows if all(k in r for k in keys)]
+            results[method] = [RunResult(method, seed, weights=weights)]
+            break
+    draw_figures(numeric, bench, single, results, out)
+    print(f"[compare] figures redrawn in {out}/", flush=True)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    return numeric
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run the comparison; return the numeric table rows (also written to ``--out``; rank 0)."""
     config = resolve(parse_config(CompareConfig, argv))
+    if config.replot:
+        return replot(config)
     torch.set_num_threads(config.threads)
     place = setup_distributed(config.device)
     methods = select_strategies(config.strategies)
@@ -542,14 +826,34 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     plan += methods
     results: dict[str, list[RunResult]] = {}
     started = time.perf_counter()
+    # Away from a terminal, a line per finished run says how far the whole comparison is.
+    lines = place.main and not draws_bars()
+    runs, done = len(plan) * len(config.seeds), 0
     for method in progress(plan, desc="strategies", disable=not place.main):
         for seed in config.seeds:
+            began = time.perf_counter()
             result = run_one(config, bench, method, seed, group, place)
             results.setdefault(method, []).append(result)
+            done += 1
+            if lines:
+                elapsed = time.perf_counter() - started
+                status = "ok" if result.error is None else "failed"
+                print(
+                    f"[compare] run {done}/{runs} done: {method} seed {seed} ({status}, "
+                    f"{duration(time.perf_counter() - began)}) | {duration(elapsed)} elapsed, "
+                    f"ETA {duration(elapsed / done * (runs - done))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if not place.main:
         return []
     timing = {}
     if config.timing_steps and place.world == 1:
+        print(
+            f"[compare] timing {len(plan)} methods side by side, {config.timing_steps} steps each",
+            file=sys.stderr,
+            flush=True,
+        )
         timing = time_steps(config, bench, plan)
     elapsed = time.perf_counter() - started
 
@@ -558,7 +862,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     single, _ = delta_m_baseline(bench, results, train_baselines)
     write_table(numeric, out, "results")
-    note = f"Δm % against {against}."
+    seeds = sorted({row["seeds"] for row in numeric})
+    note = (
+        f"Δm % against {against}. Rows sorted by Δm % (best first). Values: mean ± sample "
+        "standard deviation over the seeds (the `seeds` column); with one seed, the value alone."
+    )
+    if seeds == [1]:
+        note += " One seed ran here: no spread is known."
     (out / "results.md").write_text(markdown_table(formatted) + f"\n\n{note}\n")
     print(markdown_table(formatted))
     print(note)
@@ -568,22 +878,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         flush=True,
     )
 
-    figures = {}
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figures = {
-            "metrics": metrics_figure(numeric, bench, single),
-            "weights": weights_figure(results, bench.tasks),
-            "tradeoff": tradeoff_figure(numeric, bench),
-        }
-        for name, figure in figures.items():
-            figure.savefig(out / f"{name}.png")
-    except ImportError as error:
-        print(f"[compare] no figures: {error}", file=sys.stderr)
+    figures = draw_figures(numeric, bench, single, results, out)
 
     tracker = start_tracking(config, group=group, name="comparison", job_type="summary")
     for name, figure in figures.items():
@@ -595,6 +890,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     tracker.summary(summary)
     tracker.finish()
     if figures:
+        import matplotlib.pyplot as plt
+
         plt.close("all")
     return numeric
 

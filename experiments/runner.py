@@ -5,7 +5,7 @@ reads them with :func:`parse_config`, and writes a plain training loop with the 
 
     config = parse_config(MyConfig, argv)
     seed_everything(config.seed)
-    tracker = start_tracking(config, name="run-0")
+    tracker = start_tracking(config, name="run-0")   # W&B + <out>/runs/run-0/history.jsonl
     for step in progress(range(config.steps), desc="train"):
         ...
         tracker.log({"train/loss/left": ..., "weights/left": ...}, step=step)
@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import datetime
 import difflib
 import functools
 import json
 import math
 import os
 import random
+import re
 import struct
 import sys
 import time
@@ -42,14 +44,20 @@ from taskbalance.report import StepReport
 
 __all__ = [
     "Checkpoint",
+    "HistoryTracker",
+    "ProgressLines",
     "RunConfig",
     "Tracker",
     "batch_indices",
     "config_dict",
+    "draws_bars",
+    "duration",
+    "is_terminal",
     "load_checkpoint",
     "markdown_table",
     "parse_config",
     "progress",
+    "read_history",
     "read_offline_run",
     "report_row",
     "rng_state",
@@ -76,6 +84,10 @@ class RunConfig:
     )
     wandb_project: str = field(default="taskbalance", metadata={"help": "W&B project"})
     wandb_group: str | None = field(default=None, metadata={"help": "W&B group of the runs"})
+    history: bool = field(
+        default=True,
+        metadata={"help": "also write each run's logs to <out>/runs/<run>/history.jsonl"},
+    )
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -163,8 +175,9 @@ def parse_config(
     Field names take ``-`` or ``_`` (``--wandb-mode`` = ``--wandb_mode``). Booleans accept
     ``--flag`` alone (true), ``--flag false`` or ``--no-flag``; lists take several values or commas
     (``--seeds 0 1 2`` = ``--seeds 0,1,2``); ``X | None`` fields take ``none``. An unknown option or
-    config key, a badly typed value, or a ``ValueError`` from the dataclass's ``__post_init__``
-    ends the program with argparse's usage message (``SystemExit(2)``).
+    config key or a badly typed value ends the program with argparse's usage message; a
+    ``ValueError`` from the dataclass's ``__post_init__`` (a bad value: an unknown strategy, a
+    negative count) with that message alone, one line. Both exit with status 2.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"parse_config needs a dataclass, got {cls!r}")
@@ -235,8 +248,10 @@ def parse_config(
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
-        parser.error(str(error))
-    raise AssertionError("unreachable")  # parser.error exits
+        # The values parsed, one of them is wrong: the whole usage would bury the one line
+        # that says which.
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    raise AssertionError("unreachable")  # parser.exit exits
 
 
 # --------------------------------------------------------------------------- tracking
@@ -249,23 +264,202 @@ def start_tracking(
     name: str | None = None,
     dir: str | Path | None = None,
     job_type: str | None = None,
+    history: bool | None = None,
 ) -> Tracker:
     """Start a W&B run holding the full ``config``; a no-op tracker if W&B cannot start.
 
     ``mode``, ``project``, ``group`` and ``dir`` default to the config's ``wandb_mode``,
     ``wandb_project``, ``wandb_group`` and ``out`` (then ``"offline"``, ``"taskbalance"``, no
     group and ``"results"``). The run goes to ``<dir>/wandb/``.
+
+    With ``history`` (default: the config's ``history``, else true) every call is also written
+    to ``<dir>/runs/<name>/history.jsonl`` (:class:`HistoryTracker`), whatever W&B does: the
+    results can be read back with :func:`read_history`, without W&B.
     """
     resolved_mode: Any = mode or getattr(config, "wandb_mode", "offline")
-    return start_run(
-        config_dict(config),
+    settings = config_dict(config)
+    resolved_project = project or getattr(config, "wandb_project", None) or "taskbalance"
+    resolved_group = group if group is not None else getattr(config, "wandb_group", None)
+    folder = Path(dir if dir is not None else getattr(config, "out", "results"))
+    tracker = start_run(
+        settings,
         mode=resolved_mode,
-        project=project or getattr(config, "wandb_project", None) or "taskbalance",
-        group=group if group is not None else getattr(config, "wandb_group", None),
+        project=resolved_project,
+        group=resolved_group,
         name=name,
-        dir=dir if dir is not None else getattr(config, "out", "results"),
+        dir=folder,
         job_type=job_type,
     )
+    if not (getattr(config, "history", True) if history is None else history):
+        return tracker
+    run_name = name or time.strftime("run-%Y%m%d-%H%M%S")
+    header = {
+        "name": run_name,
+        "group": resolved_group,
+        "project": resolved_project,
+        "job_type": job_type,
+        "wandb_mode": resolved_mode,
+        "wandb_run_dir": None if tracker.run_dir is None else str(tracker.run_dir),
+        "config": settings,
+    }
+    return HistoryTracker(tracker, history_path(folder, run_name), header)
+
+
+def history_path(out: str | Path, name: str) -> Path:
+    """``<out>/runs/<name>/history.jsonl``; characters other than letters, digits, ``.``, ``-``,
+    ``_`` and ``/`` (which nests folders) become ``-`` (``single-task:left-s0`` ->
+    ``single-task-left-s0``)."""
+    parts = [p for p in re.sub(r"[^\w./-]", "-", name).split("/") if p not in ("", ".", "..")]
+    return Path(out, "runs", *(parts or ["run"]), "history.jsonl")
+
+
+HISTORY_FORMAT = 1
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly form of what a log call or config may hold (tensors, paths, tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return repr(value)
+
+
+class HistoryTracker(Tracker):
+    """A tracker that writes what it is given to a local JSON Lines file and forwards it to
+    ``inner`` (a W&B run's tracker, or the no-op one when W&B is off or could not start).
+
+    One JSON object per line, told apart by ``"_type"``:
+
+    * ``"header"`` (first): ``format``, ``name``, ``group``, ``project``, ``job_type``,
+      ``wandb_mode``, ``wandb_run_dir`` (the W&B run folder, ``wandb sync``'s argument; null
+      without one), ``started`` (ISO 8601) and ``config`` (what W&B's config holds, with every
+      :meth:`update_config` made before the first step);
+    * ``"step"``: one per :meth:`log` call, the same keys as the ``wandb.log`` call plus
+      ``_step`` and ``_runtime`` (seconds since the start);
+    * ``"config"``: a later :meth:`update_config`, under ``config``;
+    * ``"summary"`` (last, written by :meth:`finish`): ``summary`` (the run's summary values),
+      ``config`` (the whole config), ``steps`` (step records written) and ``runtime``.
+
+    Non-finite numbers are written as ``NaN`` / ``Infinity`` (what Python's ``json`` writes and
+    reads). Figures (:meth:`image`) go to W&B only. A write error stops the file with one
+    warning; the run goes on.
+    """
+
+    def __init__(self, inner: Tracker, path: Path, header: Mapping[str, Any]) -> None:
+        self.inner = inner
+        self.path = Path(path)
+        self.run_dir = inner.run_dir
+        self._header = dict(header)
+        self._config: dict[str, Any] = dict(header.get("config", {}))
+        self._summary: dict[str, Any] = {}
+        self._handle: Any = None
+        self._closed = False
+        self._steps = 0
+        self._next_step = 0
+        self._began = time.monotonic()
+
+    @property  # type: ignore[override]  # follows the W&B run, which may stop
+    def active(self) -> bool:
+        """Whether W&B records (the history file is written either way)."""
+        return self.inner.active
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        if self._closed:
+            return
+        try:
+            if self._handle is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Line-buffered: a person can follow the file while the run goes on.
+                self._handle = self.path.open("w", buffering=1)
+                started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+                header = {"_type": "header", "format": HISTORY_FORMAT, **self._header}
+                header.update(started=started, config=self._config)
+                self._handle.write(json.dumps(header, default=_plain) + "\n")
+            self._handle.write(json.dumps(record, default=_plain) + "\n")
+        except (OSError, TypeError, ValueError) as error:
+            self._closed = True
+            print(
+                f"taskbalance: writing {self.path} failed ({type(error).__name__}: {error}); "
+                "the history file stops, the run goes on",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def log(self, data: Mapping[str, Any], step: int | None = None) -> None:
+        self.inner.log(data, step=step)
+        step = self._next_step if step is None else step
+        self._next_step = step + 1
+        runtime = round(time.monotonic() - self._began, 3)
+        self._write({"_type": "step", "_step": step, "_runtime": runtime, **data})
+        self._steps += 1
+
+    def image(self, key: str, figure: Any, step: int | None = None) -> None:
+        self.inner.image(key, figure, step=step)
+
+    def summary(self, data: Mapping[str, Any]) -> None:
+        self.inner.summary(data)
+        self._summary.update(data)
+
+    def update_config(self, data: Mapping[str, Any]) -> None:
+        self.inner.update_config(data)
+        self._config.update(data)
+        if self._handle is not None:  # before the header, the header takes it
+            self._write({"_type": "config", "config": dict(data)})
+
+    def finish(self) -> None:
+        self.inner.finish()
+        if self._closed:
+            return
+        runtime = round(time.monotonic() - self._began, 3)
+        self._write(
+            {"_type": "summary", "summary": self._summary, "config": self._config,
+             "steps": self._steps, "runtime": runtime}
+        )  # fmt: skip
+        if self._handle is not None:
+            self._handle.close()
+        self._closed = True
+
+
+def read_history(path: str | Path) -> dict[str, Any]:
+    """A history file of :class:`HistoryTracker` (or the run folder that holds it) as
+    ``{"header", "config", "history": [{key: value, "_step": n, "_runtime": s}, ...],
+    "summary", "complete"}``: ``config`` with every update applied, ``complete`` whether the run
+    finished (its summary record was written)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "history.jsonl"
+    header: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    complete = False
+    with path.open() as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            kind = record.pop("_type", "step")
+            if kind == "header":
+                header = record
+                config.update(record.get("config", {}))
+            elif kind == "step":
+                history.append(record)
+            elif kind == "config":
+                config.update(record["config"])
+            elif kind == "summary":
+                summary = record["summary"]
+                config.update(record.get("config", {}))
+                complete = True
+    return {
+        "header": header,
+        "config": config,
+        "history": history,
+        "summary": summary,
+        "complete": complete,
+    }
 
 
 def report_row(report: StepReport) -> dict[str, float]:
@@ -289,35 +483,183 @@ def report_row(report: StepReport) -> dict[str, float]:
     return row
 
 
+def is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is an interactive terminal (False for files, pipes, closed streams)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def draws_bars(stream: Any = None) -> bool:
+    """Whether :func:`progress` draws tqdm bars on ``stream`` (default: standard error): it is
+    a terminal and tqdm is installed. Where not, :class:`ProgressLines` writes lines instead."""
+    if not is_terminal(sys.stderr if stream is None else stream):
+        return False
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def progress(iterable: Iterable[T], *, desc: str = "", total: int | None = None, **kwargs: Any):
     """A tqdm progress bar over ``iterable`` (shown only on a terminal and unless ``disable``;
-    plain iteration if tqdm is missing)."""
+    plain iteration if tqdm is missing). Away from a terminal, :class:`ProgressLines` reports."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    kwargs["disable"] = kwargs.get("disable") or not sys.stderr.isatty()
+    kwargs["disable"] = kwargs.get("disable") or not is_terminal(sys.stderr)
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, desc=desc, total=total, **kwargs)
 
 
+def duration(seconds: float) -> str:
+    """``4.2 s``, ``38 s``, ``7m05s``, ``2h14m`` (``?`` when unknown).
+
+    >>> [duration(s) for s in (4.23, 38.4, 425, 8040, math.nan)]
+    ['4.2 s', '38 s', '7m05s', '2h14m', '?']
+    """
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _numbers(values: Mapping[str, float], limit: int) -> str:
+    shown = [f"{k} {v:.4g}" for k, v in list(values.items())[:limit]]
+    if len(values) > limit:
+        shown.append(f"+{len(values) - limit} more")
+    return ", ".join(shown)
+
+
+class ProgressLines:
+    """A run's progress as plain lines, for logs (``nohup``, SLURM, a pipe): one line every
+    ``every`` steps and at the last one, with the epoch, the step, the mean training loss per
+    task since the previous line, the evaluation's metrics when the step has them, the time
+    so far and the ETA, flushed at once::
+
+        [mgda seed 1] epoch 2/6 | step 42/126 | loss left 0.412, right 0.53 | val left/acc
+        0.812, right/acc 0.78 | 3.1 s, ETA 6.2 s
+
+    Silent when ``every`` is 0, when not ``enabled`` (ranks other than 0), and on a terminal
+    where tqdm draws its bar instead (:func:`progress`). ``stream`` defaults to standard error.
+    """
+
+    MAX_SHOWN = 8  # values per part of a line (CelebA has 40 tasks)
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        *,
+        every: int,
+        start: int = 0,
+        steps_per_epoch: int | None = None,
+        stream: Any = None,
+        enabled: bool = True,
+    ) -> None:
+        self.label, self.total, self.every, self.start = label, total, every, start
+        self.steps_per_epoch = steps_per_epoch
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled and every > 0 and not draws_bars(self.stream)
+        self.lines = 0
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._began = time.perf_counter()
+
+    def update(self, step: int, record: Mapping[str, Any]) -> None:
+        """After training step ``step`` (counted from 0) whose logged values are ``record``."""
+        if not self.enabled:
+            return
+        for key, value in record.items():
+            if key.startswith("train/loss/"):
+                task = key.removeprefix("train/loss/")
+                self._sums[task] = self._sums.get(task, 0.0) + float(value)
+        self._count += 1
+        done = step + 1
+        if done % self.every and done < self.total:
+            return
+        parts = []
+        if self.steps_per_epoch:
+            epochs = math.ceil(self.total / self.steps_per_epoch)
+            parts.append(f"epoch {math.ceil(done / self.steps_per_epoch)}/{epochs}")
+        parts.append(f"step {done}/{self.total}")
+        losses = {t: s / self._count for t, s in self._sums.items()}
+        if len(losses) > self.MAX_SHOWN:
+            mean = math.fsum(losses.values()) / len(losses)
+            parts.append(f"loss mean {mean:.4g} ({len(losses)} tasks)")
+        elif losses:
+            parts.append(f"loss {_numbers(losses, self.MAX_SHOWN)}")
+        metrics = {
+            k.removeprefix("val/"): float(v)
+            for k, v in record.items()
+            if k.startswith("val/") and not k.startswith("val/loss/")
+        }
+        if metrics:
+            parts.append(f"val {_numbers(metrics, self.MAX_SHOWN)}")
+        elapsed = time.perf_counter() - self._began
+        taken = done - self.start
+        eta = elapsed / taken * (self.total - done) if taken > 0 else math.nan
+        parts.append(f"{duration(elapsed)}, ETA {duration(eta)}")
+        print(f"[{self.label}] " + " | ".join(parts), file=self.stream, flush=True)
+        self.lines += 1
+        self._sums.clear()
+        self._count = 0
+
+
 def select_strategies(patterns: Sequence[str]) -> list[str]:
     """Registered strategy names matching any fnmatch pattern, in pattern order, no repeats.
 
-    A pattern that matches nothing raises :class:`taskbalance.StrategyError` (with the close
-    matches), so a typo never silently drops a method from a comparison.
+    A pattern that matches nothing raises :class:`taskbalance.StrategyError` naming the close
+    matches, so a typo never silently drops a method from a comparison.
     """
     import taskbalance as tb
-    from taskbalance.registry import strategy_info
 
+    registered = tb.list_strategies()
     names: list[str] = []
     for pattern in patterns:
         matched = tb.list_strategies(pattern)
         if not matched:
-            strategy_info(pattern)  # raises with the close matches
+            everything = f"tb.list_strategies() lists all {len(registered)}"
+            raise tb.StrategyError(unknown_name("strategy", pattern, registered, everything))
         names.extend(n for n in matched if n not in names)
     return names
+
+
+def unknown_name(what: str, name: str, known: Sequence[str], everything: str = "") -> str:
+    """``unknown benchmark 'nyu'; did you mean 'nyuv2'? (5 registered: celeba, ...)``: the close
+    matches by :mod:`difflib` (for a pattern: of its text without the wildcards, also against
+    the names' beginnings); the known names are listed when there are at most ten, else
+    ``everything`` says where to find them."""
+    wildcard = any(c in name for c in "*?[")
+    plain = (re.sub(r"[*?\[\]]", "", name) if wildcard else name).lower()
+
+    def score(candidate: str) -> float:
+        whole = difflib.SequenceMatcher(None, plain, candidate).ratio()
+        if not wildcard:
+            return whole
+        # 'grd*' means a prefix: compare it with the names' beginnings too.
+        start = difflib.SequenceMatcher(None, plain, candidate[: len(plain)]).ratio()
+        return max(whole, start)
+
+    scores = {k: score(k) for k in known}
+    close = sorted((k for k in known if scores[k] >= 0.6), key=lambda k: -scores[k])[:3]
+    head = f"no {what} matches {name!r}" if wildcard else f"unknown {what} {name!r}"
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    if len(known) <= 10 or not everything:
+        everything = f"{len(known)} registered" + (
+            f": {', '.join(known)}" if len(known) <= 10 else ""
+        )
+    return f"{head}{hint} ({everything})"
 
 
 # --------------------------------------------------------------------------- seeds and batches

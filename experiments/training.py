@@ -19,6 +19,12 @@ split.
   takes its slice of the global batch (``batch_size`` is the global batch); the model is wrapped
   in ``DistributedDataParallel`` and the strategy reduces its statistics over the ranks. Rank 0
   alone evaluates (on the whole test split, with the unwrapped model) and logs.
+* **Following a run**: on a terminal a tqdm bar; otherwise (``nohup``, SLURM, a pipe) a line on
+  standard error per epoch, or every ``--progress-every`` steps, with the run, the step, the
+  training losses, the evaluation and an ETA (:class:`~experiments.runner.ProgressLines`).
+* **Config**: the run's W&B config (and its history file's header) holds the script's settings
+  and, from :func:`strategy_config`, the strategy's resolved constructor arguments
+  (``strategy_args``, with the seed it was given).
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 import taskbalance as tb
-from experiments.benchmarks import Benchmark, MultiTaskModel, get_benchmark
+from experiments.benchmarks import Benchmark, MultiTaskModel, get_benchmark, list_benchmarks
 from experiments.benchmarks.classification import Collated
 from experiments.runner import (
+    ProgressLines,
     RunConfig,
     Tracker,
     batch_indices,
@@ -51,6 +58,7 @@ from experiments.runner import (
     report_row,
     save_checkpoint,
     seed_everything,
+    unknown_name,
 )
 from taskbalance.diagnostics import gradient_diagnostics
 from taskbalance.jacobian import jacobian
@@ -66,6 +74,7 @@ __all__ = [
     "load_benchmark",
     "parse_options",
     "setup_distributed",
+    "strategy_config",
     "train_run",
 ]
 
@@ -115,8 +124,20 @@ class BenchmarkConfig(RunConfig):
         default=None, metadata={"help": "save a checkpoint per run each epoch here"}
     )
     resume: bool = field(default=False, metadata={"help": "continue runs from checkpoint_dir"})
+    progress_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "away from a terminal (nohup, SLURM): a progress line every this many "
+            "steps; none: one per epoch; 0: no lines"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if ":" not in self.benchmark and self.benchmark not in list_benchmarks():
+            known = unknown_name("benchmark", self.benchmark, list_benchmarks())
+            raise ValueError(f"{known}; or your own as 'package.module:attribute'")
+        if self.progress_every is not None and self.progress_every < 0:
+            raise ValueError(f"progress_every must be >= 0, got {self.progress_every}")
         for name in ("epochs", "steps", "batch_size", "eval_batches"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -219,10 +240,44 @@ def collate(items: Any) -> Any:
     return tuple(items) if isinstance(items, Collated) else default_collate(items)
 
 
+def _strategy_kwargs(method: str, seed: int) -> dict[str, Any]:
+    takes_seed = "seed" in inspect.signature(strategy_info(method).cls).parameters
+    return {"seed": seed} if takes_seed else {}
+
+
 def make_strategy(method: str, tasks: Sequence[str], seed: int) -> tb.Strategy:
     """``method`` for ``tasks``, with ``seed=seed`` when the strategy takes a seed."""
-    takes_seed = "seed" in inspect.signature(tb.registry.strategy_info(method).cls).parameters
-    return tb.create_strategy(method, tasks, **({"seed": seed} if takes_seed else {}))
+    return tb.create_strategy(method, tasks, **_strategy_kwargs(method, seed))
+
+
+def _config_value(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_config_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _config_value(v) for k, v in value.items()}
+    return repr(value)
+
+
+def strategy_config(method: str, tasks: Sequence[str], seed: int) -> dict[str, Any]:
+    """What the run's config records about its method: ``strategy`` (the name),
+    ``strategy_class`` and ``strategy_args``, every constructor argument as the strategy
+    resolves it (the defaults filled in, as its ``repr`` shows them, ``seed`` where it takes one).
+    A single-task network has no strategy: ``strategy_class`` and ``strategy_args`` are None.
+
+        >>> strategy_config("rlw", ["left", "right"], seed=3)["strategy_args"]
+        {'tasks': ['left', 'right'], 'distribution': 'normal', 'total': 1.0, 'seed': 3}
+    """
+    if method.startswith(f"{SINGLE}:"):
+        return {"strategy": method, "strategy_class": None, "strategy_args": None}
+    cls = strategy_info(method).cls
+    # The constructor's own signature with its defaults applied: what make_strategy builds.
+    bound = inspect.signature(cls).bind(list(tasks), **_strategy_kwargs(method, seed))
+    bound.apply_defaults()
+    arguments = {name: _config_value(value) for name, value in bound.arguments.items()}
+    name = cls.__qualname__ if isinstance(cls, type) else getattr(cls, "__name__", repr(cls))
+    return {"strategy": method, "strategy_class": name, "strategy_args": arguments}
 
 
 def own_generator(seed: int, step: int) -> torch.Generator:
@@ -439,6 +494,7 @@ def train_run(
     seed_everything(seed)
     setup = Setup.build(config, bench, method, place, seed)
     model, tasks = setup.model, setup.tasks
+    tracker.update_config(strategy_config(method, tasks, seed))
     result = RunResult(method, seed)
     train = bench.dataset("train")
     steps, per_epoch, batch = run_length(config, bench, len(train))
@@ -494,6 +550,14 @@ def train_run(
     batches = (
         progress(loader, desc=f"{method} s{seed}", total=last - start) if place.main else loader
     )
+    lines = ProgressLines(
+        f"{method} seed {seed}",
+        last,
+        every=per_epoch if config.progress_every is None else config.progress_every,
+        start=start,
+        steps_per_epoch=per_epoch,
+        enabled=place.main,
+    )
     final: dict[str, float] | None = None
     for step, batch_data in enumerate(batches, start=start):
         inputs, targets = to_device(batch_data, place.device)
@@ -533,6 +597,7 @@ def train_run(
         if (step + 1) % per_epoch == 0:
             save(step + 1)
         tracker.log(record, step=step)
+        lines.update(step, record)
     result.steps_done = last
     if stop_after is not None and last < steps:
         save(last)

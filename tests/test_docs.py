@@ -22,6 +22,7 @@ import yaml
 
 import taskbalance as tb
 from taskbalance import registry
+from tests.examples import run_python_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -142,9 +143,7 @@ def test_the_python_examples_of_the_pages_run(
     monkeypatch.setenv("WANDB_MODE", "disabled")
     _isolated_registry(monkeypatch)
     text = (DOCS / page).read_text()
-    namespace: dict[str, object] = {"__name__": "docs"}
-    for number, block in enumerate(re.findall(r"```python\n(.*?)```", text, flags=re.S), 1):
-        exec(compile(block, f"docs/{page} python block {number}", "exec"), namespace)
+    run_python_blocks(text, f"docs/{page}")
 
 
 def test_the_generated_index_has_an_example_that_runs(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from experiments.runner import (
     batch_indices,
     markdown_table,
     parse_config,
+    read_history,
     read_offline_run,
     select_strategies,
     start_tracking,
@@ -48,13 +50,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small models on a shared 2-core machine: one thread is faster and steadier.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -285,13 +281,17 @@ def test_tracker_falls_back_when_wandb_init_fails(monkeypatch, capsys, tmp_path:
         raise RuntimeError("no network")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    tracker = start_tracking(Example(out=str(tmp_path)))
-    assert type(tracker) is tb_wandb.Tracker and not tracker.active
+    tracker = start_tracking(Example(out=str(tmp_path)), name="lost")
+    assert type(tracker.inner) is tb_wandb.Tracker and not tracker.active
     tracker.log({"a": 1.0}, step=0)
     tracker.summary({"a": 1.0})
     tracker.finish()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "W&B could not start (RuntimeError: no network)" in err[0]
+    # The local history does not depend on W&B.
+    record = read_history(tmp_path / "runs" / "lost")
+    assert record["complete"] and record["history"][0]["a"] == 1.0
+    assert record["header"]["wandb_run_dir"] is None
 
 
 def test_tracker_adapts_to_older_wandb_options(monkeypatch) -> None:
@@ -451,7 +451,7 @@ def _offline_runs(out: Path) -> dict[str, dict]:
     return runs
 
 
-def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
+def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch, capsys) -> None:
     # A strategy that raises must show up as failed while the others go on.
     from taskbalance.strategies.static import Static
 
@@ -478,7 +478,11 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
     with (out / "results.csv").open() as handle:
         table = {row["method"]: row for row in csv.DictReader(handle)}
     assert set(table) == {training.SINGLE, *methods}
-    assert [r["method"] for r in rows] == [training.SINGLE, *methods]
+    # The baseline first, then by Δm% (best first), the failed one (no Δm%) last.
+    assert [r["method"] for r in rows][:: len(rows) - 1] == [training.SINGLE, "static"]
+    deltas = [r["delta_m_mean"] for r in rows[1:-1]]
+    assert len(deltas) == 3 and deltas == sorted(deltas, reverse=True)
+    assert list(table) == [r["method"] for r in rows]  # the CSV in the same order
     for method in (training.SINGLE, "equal", "uncertainty", "mgda"):
         row = table[method]
         assert row["status"] == "ok"
@@ -493,6 +497,8 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
     markdown = (out / "results.md").read_text()
     assert all(f"| {m} |" in markdown for m in methods) and "failed 1/1: RuntimeError" in markdown
     assert "Δm % against the single-task networks trained here." in markdown
+    assert "Rows sorted by Δm %" in markdown and "with one seed, the value alone" in markdown
+    assert "±" not in markdown.split("\n\n")[0]  # one seed: no "± 0.00" in the table
     for figure in ("metrics.png", "weights.png", "tradeoff.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -520,6 +526,63 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
     uncertainty = runs["uncertainty-s0"]["history"][-1]
     assert math.isfinite(uncertainty["strategy/log_var/left"])  # a strategy's extras
     assert runs["static-s0"]["summary"]["status"] == "failed"
+    # The strategy's resolved constructor arguments are in the run's config.
+    arguments = runs["uncertainty-s0"]["config"]["strategy_args"]
+    assert (
+        arguments == training.strategy_config("uncertainty", ("left", "right"), 0)["strategy_args"]
+    )
+    assert "lr" in arguments and f"lr={arguments['lr']!r}" in repr(
+        training.make_strategy("uncertainty", ("left", "right"), 0)
+    )
+
+    # Beside each W&B run, its history file: the same rows, config and summary.
+    for name, record in runs.items():
+        local = read_history(out / "runs" / name.replace(":", "-"))
+        assert local["complete"] and local["header"]["wandb_run_dir"] == str(record["folder"])
+        assert local["header"]["group"] == "test" and local["config"] == record["config"]
+        logged = [{k: v for k, v in r.items() if not k.startswith("_")} for r in record["history"]]
+        mine = [{k: v for k, v in r.items() if not k.startswith("_")} for r in local["history"]]
+        if name == "comparison":  # figures go to W&B only
+            assert mine == [] and all(k.startswith("figures/") for r in logged for k in r)
+            continue
+        assert mine == logged and len(mine) == (0 if name == "static-s0" else 12)
+        assert [r["_step"] for r in local["history"]] == [r["_step"] for r in record["history"]]
+        # W&B adds each key's last logged value to the summary; the file keeps what was set.
+        assert local["summary"] and local["summary"].items() <= record["summary"].items()
+
+    # Away from a terminal: a progress line per run (12 steps, less than an epoch: at the end)
+    # and one per finished run, flushed as they come.
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("[compare] run ")] == [
+        line for line in err if re.match(r"\[compare\] run \d/6 done: ", line)
+    ] and len([line for line in err if line.startswith("[compare] run ")]) == 6
+    (line,) = [line for line in err if line.startswith("[equal seed 0] ")]
+    assert "step 12/12 | loss left " in line and "| val left/acc " in line and "ETA" in line
+
+    # --replot draws the figures again from results.csv and the history files, training nothing.
+    drawn = {}
+    weights_figure = compare.weights_figure
+
+    def capture(results, *args):
+        drawn.update(results)
+        return weights_figure(results, *args)
+
+    monkeypatch.setattr(compare, "weights_figure", capture)
+    for figure in ("metrics.png", "weights.png", "tradeoff.png"):
+        (out / figure).unlink()
+    again = compare.main(["--replot", "--out", str(out), "--strategies", *methods])
+
+    def same(a, b) -> bool:  # NaN (a failed method's numbers) equals NaN here
+        return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+    assert [list(r) for r in again] == [list(r) for r in rows]  # the CSV, typed again
+    assert all(same(a[k], b[k]) for a, b in zip(again, rows) for k in a)
+    assert all((out / f).exists() for f in ("metrics.png", "weights.png", "tradeoff.png"))
+    assert drawn["equal"][0].weights == [
+        [row["weights/left"], row["weights/right"]] for row in equal["history"]
+    ]
+    assert sorted(runs) == sorted(_offline_runs(out))  # no new W&B run
+
     summary = runs["comparison"]["summary"]
     assert summary["figures/metrics/_type"] == "image-file"
     image = runs["comparison"]["folder"] / "files" / summary["figures/metrics/path"]
@@ -530,6 +593,6 @@ def test_compare_quick_end_to_end(tmp_path: Path, monkeypatch) -> None:
 @pytest.mark.slow
 def test_compare_quick_covers_every_registered_strategy(tmp_path: Path) -> None:
     rows = compare.main(["--quick", "--out", str(tmp_path), "--wandb-mode", "disabled"])
-    assert [r["method"] for r in rows] == [training.SINGLE, *tb.list_strategies()]
+    assert sorted(r["method"] for r in rows) == sorted([training.SINGLE, *tb.list_strategies()])
     failed = {r["method"]: r["error"] for r in rows if r["status"] != "ok"}
     assert not failed

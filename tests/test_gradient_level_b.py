@@ -17,14 +17,7 @@ from taskbalance.cone import project_weights
 from taskbalance.strategies.fairgrad import fair_weights
 from taskbalance.strategies.moco import project_to_simplex
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The per-step problems are tiny: thread hand-offs cost more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NAMES = ("upgrad", "dualproj", "config", "fairgrad", "gradvac", "graddrop", "moco", "db_mtl")

@@ -12,28 +12,22 @@ from taskbalance import registry
 from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.loss_weighting import LossWeighting
 from taskbalance.strategy import Strategy
+from tests.examples import python_blocks, run_python_blocks
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "writing-a-strategy.md"
 PLUG_INS = ("log_sum", "uncertainty_warmup", "equal_norm")
-
-
-def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
 
 
 def test_the_guide_plug_ins_are_short_and_pass_the_conformance_kit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # keep the real one
-    blocks = _python_blocks()
-    plug_ins = [b for b in blocks if "@tb.register_strategy(" in b]
+    plug_ins = [b for b in python_blocks(GUIDE.read_text()) if "@tb.register_strategy(" in b]
     assert len(plug_ins) == 3
     for block in plug_ins:
         lines = [line for line in block.splitlines() if line.strip()]
         assert len(lines) <= 40, f"a guide plug-in has {len(lines)} lines:\n{block}"
-    namespace: dict[str, object] = {"__name__": "guide"}
-    for number, block in enumerate(blocks, 1):  # the last block runs check_strategy on each
-        exec(compile(block, f"{GUIDE.name} python block {number}", "exec"), namespace)
+    run_python_blocks(GUIDE.read_text(), GUIDE.name)  # the last block runs check_strategy
     assert set(PLUG_INS) <= set(registry.list_strategies())
     assert registry.strategy_info("uncertainty_warmup").stateful
     assert not registry.strategy_info("equal_norm").stateful

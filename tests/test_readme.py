@@ -9,29 +9,20 @@ import pytest
 
 import taskbalance as tb
 from taskbalance import registry
+from tests.examples import python_blocks, run_python_blocks
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
 def test_readme_examples_run_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    blocks = _python_blocks()
-    assert len(blocks) >= 3
+    assert len(python_blocks(README.read_text())) >= 3
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     # Examples register strategies: keep the real registry as it was.
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    namespace: dict[str, object] = {"__name__": "readme"}
-    for number, block in enumerate(blocks, 1):
-        try:
-            exec(compile(block, f"README.md python block {number}", "exec"), namespace)
-        except Exception as error:  # pragma: no cover - the message is the point
-            raise AssertionError(f"README python block {number} failed: {error!r}") from error
+    run_python_blocks(README.read_text(), "README.md")
     assert "mtl/weight/cls" in capsys.readouterr().out
 
 

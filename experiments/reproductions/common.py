@@ -13,7 +13,8 @@ import numpy as np
 from torch import Tensor
 
 import taskbalance as tb
-from experiments.runner import RunConfig, Tracker, start_tracking
+from experiments.benchmarks import list_benchmarks
+from experiments.runner import RunConfig, Tracker, start_tracking, unknown_name
 
 REPRODUCED, NOT_REPRODUCED = "reproduced", "not reproduced"
 VERDICTS = (REPRODUCED, NOT_REPRODUCED)
@@ -69,6 +70,10 @@ class ReproduceConfig(RunConfig):
     )
 
     def __post_init__(self) -> None:
+        name = self.benchmark
+        if name is not None and ":" not in name and name not in list_benchmarks():
+            known = unknown_name("benchmark", name, list_benchmarks())
+            raise ValueError(f"{known}; or your own as 'package.module:attribute'")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.threads < 1:

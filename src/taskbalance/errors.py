@@ -14,9 +14,9 @@ class StrategyError(ValueError):
 class NonFiniteLossError(StrategyError):
     """A task loss is NaN or infinite. Nothing was updated; ``task`` names the task.
 
-        >>> error = NonFiniteLossError("loss of task 'depth' is not finite (nan)", task="depth")
-        >>> error.task
-        'depth'
+    >>> error = NonFiniteLossError("loss of task 'depth' is not finite (nan)", task="depth")
+    >>> error.task
+    'depth'
     """
 
     def __init__(self, message: str, *, task: str | None = None) -> None:

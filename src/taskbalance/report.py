@@ -46,19 +46,31 @@ class StepReport:
             >>> report.entries()
             [('loss', 'a', 0.5), ('weight', 'a', 2.0)]
         """
-        groups = {"loss": self.loss_values, "weight": self.weight_values, **self.extras}
-        parts = [v.detach().reshape(-1).float() for v in (*groups.values(), *self.scalars.values())]
-        flat = iter(torch.cat(parts).tolist())
-        out: list[tuple[str, str | None, float]] = [
-            (name, task, next(flat)) for name in groups for task in self.tasks
+        return [
+            (name, task, value) for (name, task), value in zip(self._names(), self._flat().tolist())
         ]
-        out.extend((name, None, next(flat)) for name in self.scalars)
-        return out
 
     def to_dict(self, prefix: str = "") -> dict[str, float]:
         """Floats keyed ``{prefix}loss/<task>``, ``{prefix}weight/<task>``,
         ``{prefix}<extra>/<task>`` and ``{prefix}<scalar>`` (see :meth:`entries`)."""
-        return {
-            prefix + (name if task is None else f"{name}/{task}"): value
-            for name, task, value in self.entries()
-        }
+        return {_key(prefix, name, task): value for name, task, value in self.entries()}
+
+    def to_tensors(self, prefix: str = "") -> dict[str, Tensor]:
+        """:meth:`to_dict` with 0-d float32 tensors on the report's device: for loggers that
+        convert what they write themselves (Lightning's ``log_dict``), no host sync per step."""
+        values = self._flat().unbind()
+        return {_key(prefix, name, task): v for (name, task), v in zip(self._names(), values)}
+
+    def _names(self) -> list[tuple[str, str | None]]:
+        groups = ("loss", "weight", *self.extras)
+        names: list[tuple[str, str | None]] = [(g, task) for g in groups for task in self.tasks]
+        return names + [(name, None) for name in self.scalars]
+
+    def _flat(self) -> Tensor:
+        groups = (self.loss_values, self.weight_values, *self.extras.values())
+        parts = [v.detach().reshape(-1).float() for v in (*groups, *self.scalars.values())]
+        return torch.cat(parts)
+
+
+def _key(prefix: str, name: str, task: str | None) -> str:
+    return prefix + (name if task is None else f"{name}/{task}")

@@ -48,7 +48,8 @@ class Tracker:
     """The no-op tracker; :class:`WandbTracker` overrides every method.
 
     ``log`` takes one dictionary per step (call it once per step: W&B stores one history row per
-    call), ``image`` a matplotlib figure, ``summary`` the run's final numbers.
+    call), ``image`` a matplotlib figure, ``summary`` the run's final numbers, ``update_config``
+    settings known only once the run has started (a strategy's resolved constructor arguments).
     """
 
     active: bool = False
@@ -62,6 +63,9 @@ class Tracker:
 
     def summary(self, data: Mapping[str, Any]) -> None:
         """Set the run's summary values (what the W&B runs table shows)."""
+
+    def update_config(self, data: Mapping[str, Any]) -> None:
+        """Add ``data`` to the run's config (a key already there takes the new value)."""
 
     def finish(self) -> None:
         """Close the run; the tracker is a no-op afterwards."""
@@ -117,6 +121,14 @@ class WandbTracker(Tracker):
             self._run.summary.update(dict(data))
         except Exception as error:
             self._fail("summary", error)
+
+    def update_config(self, data: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        try:
+            self._run.config.update(dict(data), allow_val_change=True)
+        except Exception as error:
+            self._fail("config update", error)
 
     def finish(self) -> None:
         if not self.active:
