@@ -277,7 +277,9 @@ def test_validation_with_the_strategy_changes_no_training_step(name: str) -> Non
 
 
 # ----------------------------------------------------------------- precision
-@pytest.mark.parametrize(("name", "path"), [("uncertainty", "override"), ("mgda", "features")])
+@pytest.mark.parametrize(
+    ("name", "path"), [(n, "features" if n in GRADIENT else "override") for n in STRATEGIES]
+)
 def test_bf16_mixed_equals_the_plain_loop_under_autocast(name: str, path: str) -> None:
     model = Net(name, path)
     fit(model, precision="bf16-mixed")

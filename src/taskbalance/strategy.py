@@ -538,6 +538,8 @@ class Strategy(nn.Module):
                 return
         reached = inputs_reached(batch.values, inputs)
         if key is not None:
+            if len(self._checked_inputs) >= 64:  # new tensors every step (torch.func, ...)
+                self._checked_inputs.clear()
             self._checked_inputs.add(key)
         if reached is None:
             return
