@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import inspect
 import math
 import os
 import time
@@ -241,8 +240,7 @@ def collate(items: Any) -> Any:
 
 
 def _strategy_kwargs(method: str, seed: int) -> dict[str, Any]:
-    takes_seed = "seed" in inspect.signature(strategy_info(method).cls).parameters
-    return {"seed": seed} if takes_seed else {}
+    return {"seed": seed} if "seed" in strategy_info(method).defaults else {}
 
 
 def make_strategy(method: str, tasks: Sequence[str], seed: int) -> tb.Strategy:
@@ -271,13 +269,14 @@ def strategy_config(method: str, tasks: Sequence[str], seed: int) -> dict[str, A
     """
     if method.startswith(f"{SINGLE}:"):
         return {"strategy": method, "strategy_class": None, "strategy_args": None}
-    cls = strategy_info(method).cls
-    # The constructor's own signature with its defaults applied: what make_strategy builds.
-    bound = inspect.signature(cls).bind(list(tasks), **_strategy_kwargs(method, seed))
-    bound.apply_defaults()
-    arguments = {name: _config_value(value) for name, value in bound.arguments.items()}
-    name = cls.__qualname__ if isinstance(cls, type) else getattr(cls, "__name__", repr(cls))
-    return {"strategy": method, "strategy_class": name, "strategy_args": arguments}
+    info = strategy_info(method)
+    # The constructor's defaults with what make_strategy passes: what it builds.
+    arguments = {"tasks": list(tasks), **info.defaults, **_strategy_kwargs(method, seed)}
+    return {
+        "strategy": method,
+        "strategy_class": info.cls.__qualname__,
+        "strategy_args": {name: _config_value(value) for name, value in arguments.items()},
+    }
 
 
 def own_generator(seed: int, step: int) -> torch.Generator:

@@ -473,8 +473,9 @@ def test_task_specific_warning_as_error_changes_nothing() -> None:
     model.zero_grad()
     with warnings.catch_warnings():
         warnings.simplefilter("error", tb.TaskSpecificInputWarning)
-        with pytest.raises(tb.TaskSpecificInputWarning):
-            gradnorm.backward(losses(), shared_params=list(model.parameters()))
+        for _ in range(2):  # an error at every step, not only the first
+            with pytest.raises(tb.TaskSpecificInputWarning):
+                gradnorm.backward(losses(), shared_params=list(model.parameters()))
     _assert_same_state(before, gradnorm)
     assert all(p.grad is None for p in model.parameters())
 

@@ -536,17 +536,11 @@ class Strategy(nn.Module):
             key = (batch.names, *map(id, inputs))
             if key in self._checked_inputs:
                 return
-        reached = inputs_reached(batch.values, inputs)
-        if key is not None:
-            if len(self._checked_inputs) >= 64:  # new tensors every step (torch.func, ...)
-                self._checked_inputs.clear()
-            self._checked_inputs.add(key)
-        if reached is None:
-            return
+        reached = inputs_reached(batch.values, inputs) or []
         for position, tensor in enumerate(inputs):
             tasks = [name for name, found in zip(batch.names, reached) if position in found]
             if 0 < len(tasks) < len(batch.names):
-                warnings.warn(
+                warnings.warn(  # may raise (a filter set to "error"): then not marked checked
                     f"{argument}[{position}] (shape {tuple(tensor.shape)}) is reached by task(s) "
                     f"{', '.join(map(repr, tasks))} only, of {list(batch.names)}: a "
                     "task-specific tensor (a head?) among the shared ones changes the weights "
@@ -556,7 +550,11 @@ class Strategy(nn.Module):
                     TaskSpecificInputWarning,
                     stacklevel=4,
                 )
-                return
+                break
+        if key is not None:
+            if len(self._checked_inputs) >= 64:  # new tensors every step (torch.func, ...)
+                self._checked_inputs.clear()
+            self._checked_inputs.add(key)
 
     @contextlib.contextmanager
     def transaction(self, mask: Tensor | None = None) -> Iterator[None]:
