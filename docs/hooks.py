@@ -337,20 +337,11 @@ def _short_citation(paper: str) -> str:
     return f"{authors}, {venue}"
 
 
-def _options(cls: type) -> list[inspect.Parameter]:
-    """The constructor's arguments after ``tasks``, as ``create_strategy`` passes them."""
-    return [
-        p
-        for p in inspect.signature(cls).parameters.values()
-        if p.name != "tasks" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-
-
 def _signature_block(info: Any) -> str:
     """``info.signature``, one argument per line when it is long."""
     if len(info.signature) <= 88:
         return info.signature
-    options = [str(p.replace(annotation=p.empty)) for p in _options(info.cls)]
+    options = [str(p.replace(annotation=p.empty)) for p in info.parameters]
     lines = [f'"{info.name}"', "tasks", "*", *options]
     return "tb.create_strategy(\n" + "".join(f"    {line},\n" for line in lines) + ")"
 
@@ -361,8 +352,8 @@ def _summary(cls: type) -> tuple[str, str]:
     return summary, description
 
 
-def _arguments_table(cls: type) -> list[str]:
-    parameters = _options(cls)
+def _arguments_table(info: Any) -> list[str]:
+    parameters = info.parameters
     if not parameters:
         return ["The strategy takes no argument besides `tasks`."]
     rows = ["| argument | default | type |", "|---|---|---|"]
@@ -418,7 +409,7 @@ def strategy_page(name: str) -> str:
         _signature_block(info),
         "```",
         "",
-        *_arguments_table(cls),
+        *_arguments_table(info),
         "",
         "## Description",
         "",

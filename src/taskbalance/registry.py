@@ -76,18 +76,24 @@ class StrategyInfo:
         return self.cls.__module__.startswith("taskbalance.strategies.")
 
     @property
+    def parameters(self) -> list[inspect.Parameter]:
+        """The constructor's arguments after ``tasks``: what ``create_strategy`` passes on."""
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return [
+            p
+            for p in inspect.signature(self.cls).parameters.values()
+            if p.name != "tasks" and p.kind in kinds
+        ]
+
+    @property
     def defaults(self) -> dict[str, Any]:
         """The constructor's keyword arguments and their defaults (``tasks`` excluded)."""
-        return {
-            p.name: p.default
-            for p in _options(self.cls)
-            if p.default is not inspect.Parameter.empty
-        }
+        return {p.name: p.default for p in self.parameters if p.default is not p.empty}
 
     @property
     def signature(self) -> str:
         """The ``create_strategy`` call with every argument and its default."""
-        options = [str(p.replace(annotation=inspect.Parameter.empty)) for p in _options(self.cls)]
+        options = [str(p.replace(annotation=p.empty)) for p in self.parameters]
         return f'tb.create_strategy("{self.name}", tasks, *, {", ".join(options)})'.replace(
             ", *, )", ")"
         )
@@ -102,16 +108,6 @@ class StrategyInfo:
         if self.paper:
             header += f" ({self.paper})"
         return f"{header}\n\n{self.signature}\n\n{inspect.getdoc(self.cls) or ''}".rstrip()
-
-
-def _options(cls: type[Strategy]) -> list[inspect.Parameter]:
-    """The constructor's parameters after ``tasks``, as ``create_strategy`` passes them."""
-    return [
-        p
-        for p in inspect.signature(cls).parameters.values()
-        if p.name != "tasks"
-        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
 
 
 _STATEFUL: dict[type[Strategy], bool] = {}
@@ -214,7 +210,7 @@ def create_strategy(name: str, tasks: Sequence[str], **kwargs: Any) -> Strategy:
     strategy's page in the documentation); ``tb.list_strategies()`` lists the names.
     """
     info = strategy_info(name)
-    accepted = [p.name for p in _options(info.cls)]
+    accepted = [p.name for p in info.parameters]
     for key in kwargs:
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=3)
