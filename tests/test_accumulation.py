@@ -92,6 +92,11 @@ def test_task_missing_from_a_micro_batch_is_averaged_over_the_others() -> None:
     for p, g in zip(net.heads["b"].parameters(), grad_b):
         torch.testing.assert_close(p.grad, g)
 
+    disjoint = GradientAccumulator(strategy, net.parameters(), shared_params=net.trunk.parameters())
+    disjoint.backward(net.losses(x[:4], y[:4], tasks=("b",)))
+    disjoint.backward(net.losses(x[4:], y[4:], tasks=("a", "c")))
+    assert disjoint.micro_batches == 2  # the calls, not the most that any one task has
+
 
 def test_overflowed_micro_batch_skips_the_step_and_keeps_the_state() -> None:
     net = Net()

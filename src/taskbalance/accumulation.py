@@ -95,10 +95,12 @@ class GradientAccumulator:
         self._loss_sum: Tensor | None = None
         self._count: Tensor | None = None
         self._overflow: Tensor | None = None
+        self._micro_batches = 0
 
     @property
     def micro_batches(self) -> int:
-        return 0 if self._count is None else int(self._count.max())
+        """The micro-batches added since the last step (counted on the host: no sync)."""
+        return self._micro_batches
 
     def backward(
         self, losses: Mapping[str, Tensor], *, scaler: torch.amp.GradScaler | None = None
@@ -127,6 +129,7 @@ class GradientAccumulator:
         self._rows.index_add_(0, batch.index, rows.to(self._rows.dtype))
         self._loss_sum.index_add_(0, batch.index, batch.values.to(torch.float64))
         self._count.index_add_(0, batch.index, torch.ones_like(batch.values, dtype=torch.float64))
+        self._micro_batches += 1
 
     def step(self, *, scaler: torch.amp.GradScaler | None = None) -> StepReport:
         """Run the strategy once on the accumulated values; add its update to ``.grad``."""
