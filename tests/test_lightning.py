@@ -466,6 +466,13 @@ class UnknownTask(Net):
         return self.balance({**losses, "c": losses["a"]}, shared_params=self.trunk.parameters())
 
 
+class KeptGenerator(Net):
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        if not hasattr(self, "kept"):
+            self.kept = self.trunk.parameters()  # used up by the first step
+        return self.balance(self.task_losses(batch)[1], shared_params=self.kept)
+
+
 class NoEpochEnd(Net):
     def on_train_epoch_end(self) -> None:
         pass  # forgets super(): DWA's epoch is never closed
@@ -479,6 +486,7 @@ class NoEpochEnd(Net):
         (UnknownTask, "mgda", "shared_params", "unknown task 'c'"),
         (Net, "mgda", "none", "MGDA needs per-task gradients: pass shared_params="),
         (NoEpochEnd, "dwa", "none", "epoch 0 ended without strategy.end_epoch"),
+        (KeptGenerator, "mgda", "none", "shared_params is empty: it is an iterator that an"),
     ],
 )
 def test_training_errors_name_what_is_wrong(

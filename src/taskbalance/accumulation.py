@@ -55,6 +55,7 @@ from taskbalance.errors import StrategyError
 from taskbalance.jacobian import accumulate_grad, jacobian
 from taskbalance.report import StepReport
 from taskbalance.strategy import Strategy, loss_scale
+from taskbalance.validation import nonempty_list
 
 __all__ = ["GradientAccumulator"]
 
@@ -75,9 +76,7 @@ class GradientAccumulator:
         shared_params: Iterable[Tensor],
     ) -> None:
         params = [p for p in params if p.requires_grad]
-        shared = list(shared_params)
-        if not shared:
-            raise StrategyError("shared_params is empty")
+        shared = nonempty_list(shared_params, "shared_params")
         known = {id(p) for p in params}
         if any(id(p) not in known for p in shared):
             raise StrategyError("shared_params must be a subset of params")

@@ -42,6 +42,7 @@ from taskbalance.validation import (
     check_finite,
     check_graphs,
     check_tasks,
+    nonempty_list,
     validate_losses,
 )
 
@@ -498,24 +499,14 @@ class Strategy(nn.Module):
                 "parameters) or features= (the output of the shared trunk)"
             )
         if features is not None:
-            given: Any = features
-            inputs = [features] if isinstance(features, Tensor) else list(features)
             argument = "features"
-        else:
-            given = shared_params
-            inputs = list(given)
-            argument = "shared_params"
-        if not inputs:
-            used_up = iter(given) is given  # a generator such as model.parameters()
-            raise StrategyError(
-                f"{argument} is empty"
-                + (
-                    ": it is an iterator that an earlier step used up (model.parameters() is a "
-                    "generator); pass model.trunk.parameters() anew at every step, or a list"
-                    if used_up
-                    else ""
-                )
+            inputs = (
+                [features] if isinstance(features, Tensor) else nonempty_list(features, argument)
             )
+        else:
+            assert shared_params is not None
+            argument = "shared_params"
+            inputs = nonempty_list(shared_params, argument)
         for tensor in inputs:
             if not isinstance(tensor, Tensor) or not tensor.requires_grad:
                 raise StrategyError(f"every tensor in {argument} must require grad")

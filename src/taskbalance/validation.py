@@ -18,6 +18,7 @@ __all__ = [
     "check_gramian_range",
     "check_graphs",
     "check_tasks",
+    "nonempty_list",
     "per_task_vector",
     "validate_losses",
 ]
@@ -154,6 +155,24 @@ def check_graphs(names: Sequence[str], parts: Sequence[Tensor]) -> None:
             "while other tasks' losses have one: it would not be trained. Leave a task without "
             "a loss out of the mapping (partial labels)"
         )
+
+
+def nonempty_list(given: Iterable[Tensor], argument: str) -> list[Tensor]:
+    """``list(given)``, refused when empty; an iterator already used up (``model.parameters()``,
+    a generator, kept and passed again at a later step) is named as the cause."""
+    tensors = list(given)
+    if not tensors:
+        used_up = iter(given) is given
+        raise StrategyError(
+            f"{argument} is empty"
+            + (
+                ": it is an iterator that an earlier step used up (model.parameters() is a "
+                "generator); pass model.trunk.parameters() anew at every step, or a list"
+                if used_up
+                else ""
+            )
+        )
+    return tensors
 
 
 def check_finite(names: Sequence[str], values: Tensor) -> None:

@@ -76,7 +76,7 @@ from taskbalance.optim import TaskOptimizers
 from taskbalance.registry import create_strategy
 from taskbalance.report import StepReport
 from taskbalance.strategy import Strategy
-from taskbalance.validation import validate_losses
+from taskbalance.validation import nonempty_list, validate_losses
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -208,18 +208,14 @@ class MultiTaskModule(pl.LightningModule):
                 "balance() was called twice in one training_step; call it once, with the "
                 "losses of every task"
             )
-        shared = None if shared_params is None else list(shared_params)
-        if shared is None:
-            default = self.shared_parameters()
-            shared = None if default is None else list(default)
+        given = self.shared_parameters() if shared_params is None else shared_params
+        shared = None if given is None else nonempty_list(given, "shared_params")
         if self.strategy.needs_grads and shared is None and features is None:
             raise StrategyError(
                 f"{type(self.strategy).__name__} needs per-task gradients: pass "
                 "shared_params= (the shared trunk's parameters) or features= (its output) to "
                 "balance(), or override shared_parameters()"
             )
-        if shared is not None and not shared:
-            raise StrategyError("shared_params is empty")
         self._pending = _Pending(dict(losses), shared, features, batch)
         return torch.stack([p.float() for p in parts]).sum()
 
