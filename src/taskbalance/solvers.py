@@ -32,12 +32,16 @@ iterations (a single boolean), and no other value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from taskbalance.errors import SolverError, StrategyError
 
 __all__ = [
+    "Solution",
     "cagrad_weights",
     "min_norm_two",
     "min_norm_weights",
@@ -47,6 +51,16 @@ __all__ = [
 
 _ROUNDING = 64  # the rounding allowance of a tested quantity, in epsilons of the size of its terms
 _KEEP = 0.5  # a weight is on the face when a Newton step towards w∘z = 0 keeps this share of it
+
+
+class Solution(NamedTuple):
+    """A solver's answer without a host sync: the weights, whether they meet the solver's
+    tolerance (``ok``, a 0-dim bool tensor on the device), and ``reason()``, the description of a
+    failure (it may read values from the device; called only when ``ok`` is false)."""
+
+    weights: Tensor
+    ok: Tensor
+    reason: Callable[[], str]
 
 
 def solver_dtype(device: torch.device) -> torch.dtype:

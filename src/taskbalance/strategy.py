@@ -156,6 +156,7 @@ class Strategy(nn.Module):
     needs_grads: ClassVar[bool] = False
     deterministic: ClassVar[bool] = True
     process_group: Any = None
+    check_finite: bool = True  # False: no host sync in a step; failures go in the report
 
     _init_args: dict[str, Any]
     generator_state: Tensor
@@ -292,6 +293,13 @@ class Strategy(nn.Module):
         mask = torch.zeros(len(self.tasks), dtype=torch.bool, device=index.device)
         mask[index] = True
         return mask
+
+    def defer_check(self, ok: Tensor, error: Callable[[], Exception]) -> None:
+        """Require ``ok`` (a bool tensor, all true) in this step; ``error()`` builds the exception
+        to raise otherwise. (Skeleton: checked at once; the engine will defer it to the step's
+        one verdict.)"""
+        if not bool(ok.all()):
+            raise error()
 
     def first_failing(self, ok: Tensor, index: Tensor) -> tuple[str, int] | None:
         """``(task, position)`` of the first ``False`` in ``ok`` (one entry per present task),
