@@ -22,7 +22,7 @@ from taskbalance.jacobian import (
     jacobian,
 )
 from taskbalance.report import StepReport
-from taskbalance.solvers import solver_dtype
+from taskbalance.solvers import Solution, solver_dtype
 from taskbalance.strategy import (
     HALF,
     Strategy,
@@ -105,7 +105,11 @@ class GradientAggregation(Strategy):
         self.add_state("failures", torch.zeros((), dtype=torch.long), per_task=False)
 
     def solved(
-        self, solve: Callable[[], Tensor], index: Tensor, *, equal: Literal["mean", "sum"] = "mean"
+        self,
+        solve: Callable[[], Tensor | Solution],
+        index: Tensor,
+        *,
+        equal: Literal["mean", "sum"] = "mean",
     ) -> Tensor:
         """``solve()``, this step's weights of the present tasks ``index``, under ``on_failure``.
 
@@ -117,6 +121,10 @@ class GradientAggregation(Strategy):
         try:
             with _solver_errors(self):
                 weights = solve()
+                if isinstance(weights, Solution):  # skeleton: checked at once for now
+                    if not bool(weights.ok):
+                        raise SolverError(weights.reason())
+                    weights = weights.weights
         except SolverError as error:
             if self.on_failure != "reuse":
                 raise
