@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance.jacobian import (
+    _cheaper_layers,
     _linear_layers,
     accumulate_grad,
     backward_with_direction,
@@ -323,3 +324,45 @@ def test_accumulate_grad_casts_to_the_parameter_dtype_and_checks_the_size() -> N
     assert half.grad is not None and half.grad.dtype == torch.float16
     with pytest.raises(ValueError, match="3 entries, the parameters 2"):
         accumulate_grad([half], torch.ones(3))
+
+
+def test_gramian_backward_traverses_each_head_once_and_frees_the_graph() -> None:
+    # The weights come from one backward per task; .grad is written from what those left, so
+    # no head (and no part of the trunk) is backpropagated a second time after the weights.
+    trunk, heads, z, losses = _trunk_and_losses(4, 3)
+    calls = [0, 0, 0, 0]
+    z.register_hook(lambda grad: calls.__setitem__(3, calls[3] + 1))
+    for i, head in enumerate(heads):
+        head.weight.register_hook(lambda grad, i=i: calls.__setitem__(i, calls[i] + 1))
+    gramian_backward(losses, list(trunk.parameters()), _inverse_norm)
+    assert calls == [1, 1, 1, 3]  # each head once; the trunk once per task
+    with pytest.raises(RuntimeError, match="second time"):
+        losses[0].backward()  # the last task's backward freed the trunk's buffers
+
+
+def test_gramian_backward_sums_the_weighted_gradients_of_a_leaf_two_tasks_reach() -> None:
+    # a tensor outside shared_params that two tasks use (not a head): Σ w_i ∇_t L_i, as the
+    # weighted backward gives
+    torch.manual_seed(0)
+    trunk = nn.Linear(5, 4).double()
+    both = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 5, dtype=torch.float64)
+
+    def losses_of() -> Tensor:
+        z = trunk(x)
+        return torch.stack([(z @ both).pow(2).mean(), (z @ both - 1).abs().mean(), z.sum()])
+
+    losses = losses_of()
+    weights = gramian_backward(losses, list(trunk.parameters()), _inverse_norm)
+    got = [both.grad.clone(), trunk.weight.grad.clone()]  # type: ignore[union-attr]
+    both.grad, trunk.weight.grad = None, None
+    (weights * losses_of()).sum().backward()
+    torch.testing.assert_close(got, [both.grad, trunk.weight.grad])
+
+
+@pytest.mark.parametrize(("batch", "pieces"), [(8, True), (64, False)])
+def test_linear_layer_pieces_are_used_only_where_cheaper(batch: int, pieces: bool) -> None:
+    # pieces cost B²·in + k·B²·out + ...; the block k·B·in·out + ...: narrow batches only
+    trunk, _, _, losses = _trunk_and_losses(batch, 8)
+    layers = _cheaper_layers(losses, list(trunk.parameters()))
+    assert len(layers) == (2 if pieces else 0)

@@ -342,19 +342,150 @@ def _linear_layers(losses: Tensor, inputs: Sequence[Tensor]) -> list[_LinearLaye
     return layers
 
 
-def _kernel_saving(layers: Sequence[_LinearLayer], count: int) -> float:
-    """Multiply-adds saved by the layer Gramian over materialising the Jacobian (negative: a
-    loss). The layer Gramian replaces each task's weight gradient ``B·in·out`` by ``B²·out`` and
-    the ``k²·in·out`` Gramian by ``k²·B·out``; it pays for one more backward of those layers
-    (about ``2·B·in·out`` each), as the gradient is then formed by a weighted backward."""
-    saving = 0.0
-    for layer in layers:
-        batch, width_in = layer.inputs.shape
-        width_out = layer.weight.shape[0]
-        per_task = batch * width_out * (width_in - batch)
-        saving += count * per_task + count**2 * width_out * (width_in - batch)
-        saving -= 2 * batch * width_in * width_out + batch * batch * width_in
-    return saving
+def _layer_saving(layer: _LinearLayer, count: int) -> int:
+    """Multiply-adds the layer's pieces save over materialising its Jacobian block (negative: a
+    loss), for ``count`` tasks. Both ways have one backward per task down to the layer's output
+    gradient ``D_i`` ``[B, out]``; then
+
+    * materialised: ``k`` weight gradients ``D_iᵀ x`` (``k·B·in·out``), their Gramian
+      (``k²·in·out``) and ``w @ J`` (``k·in·out``);
+    * pieces: ``K = x xᵀ`` (``B²·in``), ``K D_i`` for every task (``k·B²·out``), the Gramian
+      ``⟨K D_i, D_j⟩`` (``k²·B·out``), ``Σ w_i D_i`` (``k·B·out``) and one weight gradient
+      ``(Σ w_i D_i)ᵀ x`` (``B·in·out``).
+
+    The pieces win when the batch is narrower than the layer's input (``B < in``) and ``k > 1``.
+    """
+    batch, width_in = layer.inputs.shape
+    width_out = layer.weight.shape[0]
+    materialised = (count * batch + count**2 + count) * width_in * width_out
+    pieces = batch * batch * width_in + (count * batch + count**2 + count) * batch * width_out
+    return materialised - pieces - batch * width_in * width_out
+
+
+def _cheaper_layers(losses: Tensor, inputs: Sequence[Tensor]) -> list[_LinearLayer]:
+    """The linear layers of :func:`_linear_layers` whose pieces are cheaper than their block."""
+    count = losses.shape[0]
+    if count < 2:
+        return []
+    return [layer for layer in _linear_layers(losses, inputs) if _layer_saving(layer, count) > 0]
+
+
+@dataclass
+class _TaskPieces:
+    """What one backward per task leaves, enough for the Gramian and for ``Σ w_i g_i``.
+
+    ``outputs[l]`` ``[k, B, out]`` holds every task's output gradient ``D_i`` of linear layer
+    ``layers[l]``; ``rows`` ``[k, R]`` the Jacobian of the other ``inputs``
+    (``rest``); ``extra_grads[i]`` task ``i``'s gradients of the ``extra`` tensors (the heads;
+    ``None`` where the task does not reach one).
+    """
+
+    layers: Sequence[_LinearLayer]
+    outputs: list[Tensor]
+    rest: list[Tensor]
+    rows: Tensor
+    extra: list[Tensor]
+    extra_grads: list[list[Tensor | None]]
+
+    @torch.no_grad()
+    def gramian(self) -> Tensor:
+        """``J Jᵀ`` over ``layers`` and ``rest``: ``⟨(x xᵀ) D_i, D_j⟩`` for each layer."""
+        result = self.rows @ self.rows.mT
+        for layer, d in zip(self.layers, self.outputs):
+            count = d.shape[0]
+            x = layer.inputs.to(d.dtype)
+            kernel = x @ x.mT
+            kd = torch.empty_like(d)
+            for i in range(count):  # one mm per task: a broadcast matmul would copy the kernel
+                torch.mm(kernel, d[i], out=kd[i])
+            result += kd.view(count, -1) @ d.view(count, -1).mT
+            if layer.bias is not None:
+                bias_rows = d.sum(dim=1)
+                result += bias_rows @ bias_rows.mT
+        return result
+
+    @torch.no_grad()
+    def combined(self, weights: Tensor) -> dict[Tensor, Tensor]:
+        """``Σ w_i g_i`` for every input and extra tensor reached, keyed by tensor."""
+        grads: dict[Tensor, Tensor] = {}
+        for layer, d in zip(self.layers, self.outputs):
+            mixed = (weights.to(d.dtype) @ d.view(d.shape[0], -1)).view(d.shape[1:])  # Σ w_i D_i
+            grads[layer.weight] = mixed.mT @ layer.inputs.to(d.dtype)
+            if layer.bias is not None:
+                grads[layer.bias] = mixed.sum(dim=0)
+        if self.rest:
+            flat = weights.to(self.rows.dtype) @ self.rows
+            for tensor, piece in zip(self.rest, flat.split([t.numel() for t in self.rest])):
+                grads[tensor] = piece.view_as(tensor)
+        for position, tensor in enumerate(self.extra):
+            total = None
+            for weight, task_grads in zip(weights, self.extra_grads):
+                grad = task_grads[position]
+                if grad is not None:
+                    term = grad * weight.to(grad.dtype)
+                    total = term if total is None else total + term
+            if total is not None:
+                grads[tensor] = total
+        return grads
+
+
+def _task_pieces(
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    layers: Sequence[_LinearLayer],
+    *,
+    extra: Sequence[Tensor] = (),
+    retain_graph: bool = True,
+    scale: Tensor | None = None,
+) -> _TaskPieces:
+    """One ``torch.autograd.grad`` per task (from its own root) to the output of each of
+    ``layers``, to the other ``inputs`` and to ``extra``; unscaled only if ``scale`` is None."""
+    covered = {id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None}
+    rest = [t for t in inputs if id(t) not in covered]
+    roots = _per_task_roots(losses)
+    count = losses.shape[0]
+    dtype = torch.promote_types(losses.dtype, inputs[0].dtype)
+    one = torch.ones((), dtype=losses.dtype, device=losses.device)
+    if scale is not None:
+        one = scale.to(one).reshape(())
+    outputs = [
+        torch.empty(
+            count, layer.inputs.shape[0], layer.weight.shape[0], dtype=dtype, device=one.device
+        )
+        for layer in layers
+    ]
+    sizes = [t.numel() for t in rest]
+    rows = torch.zeros(count, sum(sizes), dtype=dtype, device=one.device)
+    targets: list[Tensor | GradientEdge] = [
+        *(GradientEdge(layer.node, 0) for layer in layers),
+        *rest,
+        *extra,
+    ]
+    extra_grads: list[list[Tensor | None]] = []
+    for i in range(count):
+        root: Tensor | GradientEdge | None = losses[i] if roots is None else roots[i]
+        grads: Sequence[Tensor | None] = [None] * len(targets)
+        if root is not None:
+            grads = torch.autograd.grad(
+                root,  # type: ignore[arg-type]
+                targets,  # type: ignore[arg-type]  # torch accepts a mix of tensors and edges
+                grad_outputs=one,
+                retain_graph=retain_graph or i < count - 1,
+                allow_unused=True,
+            )
+        for output, grad in zip(outputs, grads):
+            output[i].copy_(grad) if grad is not None else output[i].zero_()
+        reached = [
+            g.reshape(-1) if g is not None else None
+            for g in grads[len(layers) : len(targets) - len(extra)]
+        ]
+        if any(g is not None for g in reached):
+            torch.cat(
+                [g if g is not None else rows.new_zeros(n) for g, n in zip(reached, sizes)],
+                out=rows[i],
+            )
+        extra_grads.append(list(grads[len(targets) - len(extra) :]))
+    return _TaskPieces(layers, outputs, rest, rows, list(extra), extra_grads)
 
 
 def task_gramian(
@@ -372,11 +503,12 @@ def task_gramian(
     ``D_iᵀ x`` with ``D_i = ∂L_i/∂y`` ``[B, out]``, so its Gramian block is
     ``⟨D_iᵀ x, D_jᵀ x⟩ = ⟨(x xᵀ) D_i, D_j⟩`` and the bias block ``⟨1ᵀ D_i, 1ᵀ D_j⟩``. The
     per-task backward then stops at ``D`` (no weight gradients) and costs ``B²·out`` instead of
-    ``B·in·out`` per layer: cheaper whenever the batch is smaller than the layer's input width.
-    Other inputs (convolutions, normalisation, ...) are materialised as in :func:`jacobian`.
+    ``B·in·out`` per layer: cheaper whenever the batch is smaller than the layer's input width
+    (``layers`` defaults to the layers where that is so). Other inputs (convolutions,
+    normalisation, ...) are materialised as in :func:`jacobian`.
 
     >>> lin = torch.nn.Linear(3, 2)
-    >>> x = torch.randn(5, 3)
+    >>> x = torch.randn(2, 3)
     >>> out = lin(x)
     >>> losses = torch.stack([out[:, 0].pow(2).mean(), out.sum()])
     >>> params = list(lin.parameters())
@@ -385,58 +517,9 @@ def task_gramian(
     """
     inputs = list(inputs)
     if layers is None:
-        layers = _linear_layers(losses, inputs)
-    covered = {id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None}
-    rest = [t for t in inputs if id(t) not in covered]
-    roots = _per_task_roots(losses)
-    count = losses.shape[0]
-    dtype = torch.promote_types(losses.dtype, inputs[0].dtype)
-    one = torch.ones((), dtype=losses.dtype, device=losses.device)
-    if scale is not None:
-        one = scale.to(one).reshape(())
-    edges = [GradientEdge(layer.node, 0) for layer in layers]
-    outputs: list[list[Tensor]] = [[] for _ in range(len(layers) + len(rest))]
-    targets: list[Tensor | GradientEdge] = [*edges, *rest]
-    shapes: list[tuple[int, ...]] = [
-        (layer.inputs.shape[0], layer.weight.shape[0]) for layer in layers
-    ]
-    shapes += [tuple(t.shape) for t in rest]
-    for i in range(count):
-        root: Tensor | GradientEdge | None = losses[i] if roots is None else roots[i]
-        keep = retain_graph or i < count - 1
-        grads: Sequence[Tensor | None]
-        if root is None:
-            grads = [None] * len(targets)
-        else:
-            grads = torch.autograd.grad(
-                root,  # type: ignore[arg-type]
-                targets,  # type: ignore[arg-type]  # torch accepts a mix of tensors and edges
-                grad_outputs=one,
-                retain_graph=keep,
-                allow_unused=True,
-            )
-        for slot, grad, shape in zip(outputs, grads, shapes):
-            slot.append(grad if grad is not None else one.new_zeros(shape, dtype=dtype))
-    result = torch.zeros(count, count, dtype=dtype, device=losses.device)
-    for layer, slot in zip(layers, outputs):
-        d = torch.stack(slot).to(dtype)  # [k, B, out]
-        x = layer.inputs.to(dtype)
-        if x.shape[0] < x.shape[1]:
-            kd = torch.matmul(x @ x.mT, d)  # (x xᵀ) D_i for every task at once
-            result += rearrange(kd, "k b o -> k (b o)") @ rearrange(d, "k b o -> (b o) k")
-        else:  # a batch wider than the layer: the weight gradients themselves are cheaper
-            weight_rows = rearrange(torch.matmul(d.mT, x), "k o i -> k (o i)")
-            result += weight_rows @ weight_rows.mT
-        if layer.bias is not None:
-            bias_rows = d.sum(dim=1)
-            result += bias_rows @ bias_rows.mT
-    if rest:
-        rows = torch.cat(
-            [torch.stack(slot).to(dtype).reshape(count, -1) for slot in outputs[len(layers) :]],
-            dim=1,
-        )
-        result += rows @ rows.mT
-    return result
+        layers = _cheaper_layers(losses, inputs)
+    pieces = _task_pieces(losses, inputs, layers, retain_graph=retain_graph, scale=scale)
+    return pieces.gramian()
 
 
 def gramian_backward(
@@ -452,33 +535,43 @@ def gramian_backward(
     This is the whole backward of a Gramian-weighting strategy, done the cheapest way measured:
 
     * ``inputs`` not leaves (features): the (small) Jacobian, its Gramian, one weighted backward;
-    * leaves (shared parameters) where linear layers make :func:`task_gramian` cheaper by the
-      estimate of ``_kernel_saving``: the Gramian without the Jacobian, one weighted backward;
-    * otherwise: the Jacobian, ``w @ J`` written into the shared ``.grad``, and a backward
-      restricted to the other leaves (the heads), so the trunk is traversed ``k`` times, not
-      ``k + 1`` (:func:`backward_with_direction`).
+    * leaves (shared parameters): one backward per task, each from its own loss, to the output
+      gradients of the linear layers where their pieces are cheaper (see :func:`task_gramian`),
+      to the other shared parameters and to every other leaf (the heads). ``G`` comes from those
+      pieces, and ``.grad`` is written from them: ``Σ w_i g_i`` for each tensor, the linear
+      layers' as one weight gradient ``(Σ w_i D_i)ᵀ x``. Nothing is traversed twice: no backward
+      of the trunk or of the heads after the weights. The graph is freed by the last task's
+      backward.
 
-    ``scale`` (mixed precision) multiplies the losses for every backward; ``G`` is unscaled.
+    ``scale`` (mixed precision) multiplies the losses for every backward; ``G`` is unscaled and
+    ``.grad`` receives the scaled gradient, as ``(scale * Σ w_i L_i).backward()`` writes.
     """
     inputs = list(inputs)
-    count = losses.shape[0]
-    leaves = all(t.is_leaf for t in inputs)
-    layers = _linear_layers(losses, inputs) if leaves and count > 1 else []
-    if layers and _kernel_saving(layers, count) > 0:
-        matrix = task_gramian(losses, inputs, scale=scale, layers=layers)
+    if not all(t.is_leaf for t in inputs):
+        rows = jacobian(losses, inputs, scale=scale)
         if scale is not None:
-            matrix = matrix / scale.to(matrix) ** 2
-        weights = weights_of(matrix).detach().to(losses.dtype)
+            rows = rows / scale.to(rows)
+        weights = weights_of(gramian(rows)).detach().to(losses.dtype)
         total = (weights * losses).sum()
         (total if scale is None else total * scale).backward()
         return weights
-    rows = jacobian(losses, inputs, scale=scale)
+    shared = {id(t) for t in inputs}
+    heads = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared]
+    layers = _cheaper_layers(losses, inputs)
+    pieces = _task_pieces(losses, inputs, layers, extra=heads, retain_graph=False, scale=scale)
+    matrix = pieces.gramian()
     if scale is not None:
-        rows = rows / scale.to(rows)
-    weights = weights_of(gramian(rows)).detach().to(losses.dtype)
-    total = (weights * losses).sum()
-    if leaves:
-        backward_with_direction(total, inputs, weights.to(rows.dtype) @ rows, scale=scale)
-    else:
-        (total if scale is None else total * scale).backward()
+        matrix = matrix / scale.to(matrix) ** 2
+    weights = weights_of(matrix).detach().to(losses.dtype)
+    for tensor, grad in pieces.combined(weights).items():
+        _add_grad(tensor, grad)
     return weights
+
+
+def _add_grad(tensor: Tensor, grad: Tensor) -> None:
+    """``tensor.grad += grad`` (set when there is none), in the tensor's dtype."""
+    grad = grad.to(tensor.dtype)
+    if tensor.grad is None:
+        tensor.grad = grad if grad.is_contiguous() else grad.contiguous()
+    else:
+        tensor.grad += grad
