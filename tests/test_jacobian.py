@@ -366,3 +366,26 @@ def test_linear_layer_pieces_are_used_only_where_cheaper(batch: int, pieces: boo
     trunk, _, _, losses = _trunk_and_losses(batch, 8)
     layers = _cheaper_layers(losses, list(trunk.parameters()))
     assert len(layers) == (2 if pieces else 0)
+
+
+@pytest.mark.parametrize("take", ["zip", "index", "unbind"])
+def test_losses_taken_from_one_stacked_tensor_start_at_their_own_input(take: str) -> None:
+    # dict(zip(tasks, torch.stack(losses))): each row starts at its loss's own input to the
+    # user's stack, so no other head runs; the rows are those of the separate losses, bit for bit
+    trunk, heads, z, _ = _trunk_and_losses(4, 3)
+    calls = [0, 0, 0]
+    outputs = []
+    for i, head in enumerate(heads):
+        out = head(z)
+        out.register_hook(lambda grad, i=i: calls.__setitem__(i, calls[i] + 1))
+        outputs.append((out.squeeze(1) - i).pow(2).mean())
+    stacked = torch.stack(outputs)
+    parts = {
+        "zip": lambda: list(stacked),
+        "index": lambda: [stacked[i] for i in range(3)],
+        "unbind": lambda: list(stacked.unbind()),
+    }[take]()
+    params = list(trunk.parameters())
+    rows = jacobian(torch.stack(parts), params)
+    assert calls == [1, 1, 1]
+    torch.testing.assert_close(rows, jacobian(torch.stack(outputs), params), rtol=0, atol=0)

@@ -88,7 +88,26 @@ def _per_task_roots(losses: Tensor) -> list[Tensor | GradientEdge | None] | None
     following = node.next_functions
     if len(following) != losses.shape[0]:
         return None
-    return [None if fn is None else GradientEdge(fn, nr) for fn, nr in following]
+    return [None if fn is None else _own_root(fn, nr) for fn, nr in following]
+
+
+def _own_root(node: Any, output: int) -> GradientEdge | None:
+    """The root of one task's backward: output ``output`` of ``node``, or, when that is entry
+    ``i`` of a user's own stack of the losses (``dict(zip(tasks, torch.stack(losses)))``,
+    ``stacked[i]``, ``stacked.unbind()``), the ``i``-th input of that stack. Starting at the
+    stack would send a zero gradient into every other task's branch for every row; the gradient
+    through ``stacked[i]`` is the ``i``-th input's, so the rows are the same, bit for bit."""
+    name = type(node).__name__
+    if name not in ("UnbindBackward0", "SelectBackward0") or node._saved_dim != 0:
+        return GradientEdge(node, output)
+    index = output if name == "UnbindBackward0" else node._saved_index
+    ((stack, _),) = node.next_functions
+    if stack is None or type(stack).__name__ != "StackBackward0" or stack._saved_dim != 0:
+        return GradientEdge(node, output)
+    if not -len(stack.next_functions) <= index < len(stack.next_functions):
+        return GradientEdge(node, output)
+    source, number = stack.next_functions[index]
+    return None if source is None else GradientEdge(source, number)
 
 
 def jacobian(
