@@ -12,6 +12,7 @@ from taskbalance.jacobian import (
     _linear_layers,
     accumulate_grad,
     backward_with_direction,
+    direction_backward,
     gramian,
     gramian_backward,
     jacobian,
@@ -402,3 +403,30 @@ def test_gramian_error_does_not_grow_with_the_number_of_parameters() -> None:
     result = gramian(rows)
     assert result.dtype == torch.float32
     assert ((result.double() - exact).abs().max() / exact.abs().max()).item() < 2e-7
+
+
+@pytest.mark.parametrize("scale", [None, 8.0])
+def test_direction_backward_writes_the_direction_and_the_heads_sum_gradient(
+    scale: float | None,
+) -> None:
+    trunk, heads, _, losses = _trunk_and_losses(4, 3)
+    shared = list(trunk.parameters())
+    expected_rows = jacobian(losses, shared)
+    calls = [0, 0, 0]
+    for i, head in enumerate(heads):
+        head.weight.register_hook(lambda grad, i=i: calls.__setitem__(i, calls[i] + 1))
+    seen = []
+
+    def direction_of(rows: Tensor) -> Tensor:
+        seen.append(rows)
+        return rows.sum(0) * torch.linspace(0, 1, rows.shape[1], dtype=rows.dtype)
+
+    factor = None if scale is None else torch.tensor([scale], dtype=torch.float64)
+    direction_backward(losses, shared, direction_of, scale=factor)
+    assert calls == [1, 1, 1]  # each head once: its gradient comes from its task's backward
+    torch.testing.assert_close(seen[0], expected_rows)  # unscaled rows
+    _, reference_heads, _, reference_losses = _trunk_and_losses(4, 3)
+    reference_losses.sum().backward()
+    times = 1.0 if scale is None else scale
+    torch.testing.assert_close(_grads(heads), times * _grads(reference_heads))
+    torch.testing.assert_close(_grads([trunk]), times * direction_of(expected_rows))

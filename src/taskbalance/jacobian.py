@@ -64,6 +64,7 @@ from torch.autograd.graph import GradientEdge
 __all__ = [
     "accumulate_grad",
     "backward_with_direction",
+    "direction_backward",
     "gramian",
     "gramian_backward",
     "graph_leaves",
@@ -459,9 +460,13 @@ class _TaskPieces:
             if layer.bias is not None:
                 grads[layer.bias] = mixed.sum(dim=0)
         if self.rest:
-            flat = weights.to(self.rows.dtype) @ self.rows
-            for tensor, piece in zip(self.rest, flat.split([t.numel() for t in self.rest])):
-                grads[tensor] = piece.view_as(tensor)
+            grads.update(_split(self.rest, weights.to(self.rows.dtype) @ self.rows))
+        return grads | self.combined_extra(weights)
+
+    @torch.no_grad()
+    def combined_extra(self, weights: Tensor) -> dict[Tensor, Tensor]:
+        """``Σ w_i g_i`` for the extra tensors (the heads) only."""
+        grads: dict[Tensor, Tensor] = {}
         for position, tensor in enumerate(self.extra):
             total = None
             for weight, task_grads in zip(weights, self.extra_grads):
@@ -472,6 +477,12 @@ class _TaskPieces:
             if total is not None:
                 grads[tensor] = total
         return grads
+
+
+def _split(tensors: Sequence[Tensor], flat: Tensor) -> dict[Tensor, Tensor]:
+    """The flat vector ``flat`` cut into views shaped like ``tensors``, keyed by tensor."""
+    pieces = flat.split([t.numel() for t in tensors])
+    return {tensor: piece.view_as(tensor) for tensor, piece in zip(tensors, pieces)}
 
 
 def _task_pieces(
@@ -600,10 +611,7 @@ def gramian_backward(
         total = (weights * losses).sum()
         (total if scale is None else total * scale).backward()
         return weights
-    shared = {id(t) for t in inputs}
-    heads = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared]
-    layers = _cheaper_layers(losses, inputs)
-    pieces = _task_pieces(losses, inputs, layers, extra=heads, retain_graph=False, scale=scale)
+    pieces = _leaf_pieces(losses, inputs, _cheaper_layers(losses, inputs), scale)
     matrix = pieces.gramian()
     if scale is not None:
         matrix = matrix / scale.to(matrix) ** 2
@@ -611,6 +619,46 @@ def gramian_backward(
     for tensor, grad in pieces.combined(weights).items():
         _add_grad(tensor, grad)
     return weights
+
+
+def direction_backward(
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    direction_of: Callable[[Tensor], Tensor],
+    *,
+    scale: Tensor | None = None,
+) -> None:
+    """Fill ``.grad`` for a method with its own direction: the leaf tensors ``inputs`` (the shared
+    parameters) get ``d = direction_of(J)`` (``J`` the unscaled rows ``[k, P]``, ``d`` flat
+    ``[P]``), every other leaf (a head) the gradient of ``Σ L_i``.
+
+    One backward per task, each from its own loss, leaves ``J`` and the heads' gradients: nothing
+    is traversed again after the direction (the trunk's k backwards are the whole cost). With
+    ``scale`` (mixed precision) ``.grad`` receives the scaled gradients, as ``backward`` of the
+    scaled losses writes them.
+    """
+    inputs = list(inputs)
+    pieces = _leaf_pieces(losses, inputs, (), scale)
+    rows = pieces.rows if scale is None else pieces.rows / scale.to(pieces.rows)
+    direction = direction_of(rows)
+    if scale is not None:
+        direction = direction * scale.to(direction)
+    ones = torch.ones(losses.shape[0], dtype=losses.dtype, device=losses.device)
+    for tensor, grad in (_split(inputs, direction) | pieces.combined_extra(ones)).items():
+        _add_grad(tensor, grad)
+
+
+def _leaf_pieces(
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    layers: Sequence[_LinearLayer],
+    scale: Tensor | None,
+) -> _TaskPieces:
+    """:func:`_task_pieces` w.r.t. the leaf tensors ``inputs``, with every other leaf the losses
+    reach (the heads) as ``extra``, freeing the graph with the last task's backward."""
+    shared = {id(t) for t in inputs}
+    heads = [leaf for leaf in graph_leaves(losses) if id(leaf) not in shared]
+    return _task_pieces(losses, inputs, layers, extra=heads, retain_graph=False, scale=scale)
 
 
 def _add_grad(tensor: Tensor, grad: Tensor) -> None:
