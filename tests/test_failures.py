@@ -4,34 +4,38 @@ weights.
 Every strategy whose weights solve a problem without a guaranteed solution takes
 ``on_failure="reuse"`` (default: the previous step's solution, equal weights before any, a
 warning on the first fallback, the count in the report) or ``"raise"`` (:class:`SolverError`,
-nothing changed). Failures are injected by replacing the strategy's solver with one that raises,
-so that every strategy is tested the same way; real failures (no solution) are tested too.
+nothing changed). Failures are injected through the engine's ``solved``, where every strategy
+hands its solver over, so that every strategy is tested the same way whatever its solver returns
+(weights, or a :class:`~taskbalance.solvers.Solution`); real failures (no solution) are tested
+too. (Failures that a Solution reports without a sync: ``test_syncs.py``.)
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 
 import taskbalance as tb
+from taskbalance.gradient_aggregation import GradientAggregation
+from taskbalance.solvers import Solution
 from taskbalance.testing import ToyProblem
 
 TASKS = ("a", "b", "c")
-# strategy -> (its module, the solver it calls, the solution meaning "equal weights")
+# strategy -> the solution meaning "equal weights"
 SOLVERS = {
-    "mgda": ("taskbalance.strategies.mgda", "min_norm_weights", "mean"),
-    "cagrad": ("taskbalance.strategies.cagrad", "cagrad_weights", "mean"),
-    "nash_mtl": ("taskbalance.strategies.nash_mtl", "nash_weights", "sum"),
-    "fairgrad": ("taskbalance.strategies.fairgrad", "fair_weights", "mean"),
-    "upgrad": ("taskbalance.strategies.upgrad", "project_weights", "mean"),
-    "dualproj": ("taskbalance.strategies.dualproj", "project_weights", "mean"),
+    "mgda": "mean",
+    "cagrad": "mean",
+    "nash_mtl": "sum",
+    "fairgrad": "mean",
+    "upgrad": "mean",
+    "dualproj": "mean",
 }
 
 
@@ -59,37 +63,38 @@ def jacobian(seed: int) -> torch.Tensor:
 
 
 class Solver:
-    """Stands in for a strategy's solver: fails, returns fixed weights, or runs the real one and
-    remembers the answer. UPGrad solves a batch ``[k, k]`` of projections and sums it: there the
-    solution is the sum, and a fixed one is returned as a batch with that sum."""
+    """Stands in for what a strategy hands to :meth:`GradientAggregation.solved`: fails (raises
+    :class:`SolverError`), returns fixed weights, or runs the real solve and remembers its
+    answer (the weights of a Solution)."""
 
-    def __init__(self, real: Callable[..., torch.Tensor]) -> None:
-        self.real = real
+    def __init__(self) -> None:
         self.mode = "real"
         self.fixed: torch.Tensor | None = None
         self.last: torch.Tensor | None = None
 
-    def __call__(self, gramian: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if self.mode == "fail":
-            raise tb.SolverError("injected failure")
-        batched = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dim() == 2
-        if self.mode == "fixed":
-            assert self.fixed is not None
-            fixed = self.fixed.to(gramian.dtype)
-            if not batched:
-                return fixed
-            return torch.stack([fixed, *torch.zeros(2, fixed.shape[0], dtype=fixed.dtype)])
-        answer = self.real(gramian, *args, **kwargs)
-        self.last = answer.sum(0) if batched else answer
-        return answer
+    def wrap(self, solve: Callable[[], torch.Tensor | Solution]) -> Callable[[], torch.Tensor]:
+        def stand_in() -> torch.Tensor:
+            if self.mode == "fail":
+                raise tb.SolverError("injected failure")
+            if self.mode == "fixed":
+                assert self.fixed is not None
+                return self.fixed.clone()
+            answer = solve()
+            self.last = answer.weights if isinstance(answer, Solution) else answer
+            return answer  # type: ignore[return-value]
+
+        return stand_in
 
 
 @pytest.fixture
-def solver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Solver]:
-    module_name, attribute, _ = SOLVERS[request.param]
-    module = importlib.import_module(module_name)
-    stand_in = Solver(getattr(module, attribute))
-    monkeypatch.setattr(module, attribute, stand_in)
+def solver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Solver]:
+    stand_in = Solver()
+    solved = GradientAggregation.solved
+
+    def solved_with_stand_in(self: GradientAggregation, solve: Any, index: Any, **kw: Any) -> Any:
+        return solved(self, stand_in.wrap(solve), index, **kw)
+
+    monkeypatch.setattr(GradientAggregation, "solved", solved_with_stand_in)
     yield stand_in
 
 
@@ -101,9 +106,9 @@ def direction_with(name: str, solver: Solver, solution: torch.Tensor, j: torch.T
     return direction
 
 
-@pytest.mark.parametrize(("name", "solver"), [(n, n) for n in SOLVERS], indirect=["solver"])
+@pytest.mark.parametrize("name", list(SOLVERS))
 def test_reuse_takes_equal_weights_first_then_the_last_solution(name: str, solver: Solver):
-    equal = 1 / 3 if SOLVERS[name][2] == "mean" else 1.0
+    equal = 1 / 3 if SOLVERS[name] == "mean" else 1.0
     strategy = tb.create_strategy(name, TASKS)
     solver.mode = "fail"
     with pytest.warns(RuntimeWarning, match="previous step's weights.*injected failure"):
@@ -126,7 +131,7 @@ def test_reuse_takes_equal_weights_first_then_the_last_solution(name: str, solve
     assert int(state["failures"]) == 2 and bool(state["has_last_weights"].all())
 
 
-@pytest.mark.parametrize(("name", "solver"), [(n, n) for n in SOLVERS], indirect=["solver"])
+@pytest.mark.parametrize("name", list(SOLVERS))
 def test_raise_leaves_everything_as_it_was(name: str, solver: Solver) -> None:
     strategy = tb.create_strategy(name, TASKS, on_failure="raise")
     strategy.aggregate(jacobian(1))
@@ -149,7 +154,7 @@ def test_raise_leaves_everything_as_it_was(name: str, solver: Solver) -> None:
 
 
 @pytest.mark.parametrize("path", ["shared_params", "features"])
-@pytest.mark.parametrize(("name", "solver"), [(n, n) for n in SOLVERS], indirect=["solver"])
+@pytest.mark.parametrize("name", list(SOLVERS))
 def test_report_carries_the_flag_and_the_running_count(name: str, solver: Solver, path: str):
     strategy = tb.create_strategy(name, TASKS)
     problem = ToyProblem.create(TASKS)
@@ -174,9 +179,9 @@ def test_report_carries_the_flag_and_the_running_count(name: str, solver: Solver
     assert seen == [(0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 2.0), (1.0, 3.0)]
 
 
-@pytest.mark.parametrize(("name", "solver"), [(n, n) for n in SOLVERS], indirect=["solver"])
+@pytest.mark.parametrize("name", list(SOLVERS))
 def test_partial_labels_reuse_only_complete_solutions(name: str, solver: Solver) -> None:
-    kind = SOLVERS[name][2]
+    kind = SOLVERS[name]
     equal = 0.5 if kind == "mean" else 1.0
     strategy = tb.create_strategy(name, TASKS)
     problem = ToyProblem.create(TASKS)

@@ -38,7 +38,8 @@ def test_the_hook_table_names_every_hook() -> None:
     listed = set(re.findall(r"^\| `([a-z_]+)\(", table, flags=re.M))
     hooks = {
         "check_losses", "before_train_step", "on_train_step", "extras", "end_epoch",
-        "loss_weights", "objective", "eval_weights", "on_gradients",
+        "loss_weights", "objective", "eval_weights", "on_gradients", "objective_and_gradients",
+        "on_gradient_norms",
         "gramian_weights", "aggregate_rows", "report_weights", "reused_weights",
         "transform_losses",
     }  # fmt: skip

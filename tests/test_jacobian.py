@@ -406,7 +406,7 @@ def test_gramian_error_does_not_grow_with_the_number_of_parameters() -> None:
 
 
 @pytest.mark.parametrize("scale", [None, 8.0])
-def test_direction_backward_writes_the_direction_and_the_heads_sum_gradient(
+def test_direction_backward_writes_the_direction_and_the_heads_weighted_gradient(
     scale: float | None,
 ) -> None:
     trunk, heads, _, losses = _trunk_and_losses(4, 3)
@@ -417,16 +417,19 @@ def test_direction_backward_writes_the_direction_and_the_heads_sum_gradient(
         head.weight.register_hook(lambda grad, i=i: calls.__setitem__(i, calls[i] + 1))
     seen = []
 
-    def direction_of(rows: Tensor) -> Tensor:
-        seen.append(rows)
+    def direction(rows: Tensor) -> Tensor:
         return rows.sum(0) * torch.linspace(0, 1, rows.shape[1], dtype=rows.dtype)
+
+    def direction_of(rows: Tensor) -> tuple[Tensor, Tensor]:
+        seen.append(rows)
+        return direction(rows), torch.tensor([1.0, 2.0, 3.0], dtype=rows.dtype)
 
     factor = None if scale is None else torch.tensor([scale], dtype=torch.float64)
     direction_backward(losses, shared, direction_of, scale=factor)
     assert calls == [1, 1, 1]  # each head once: its gradient comes from its task's backward
     torch.testing.assert_close(seen[0], expected_rows)  # unscaled rows
     _, reference_heads, _, reference_losses = _trunk_and_losses(4, 3)
-    reference_losses.sum().backward()
+    (reference_losses * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum().backward()
     times = 1.0 if scale is None else scale
     torch.testing.assert_close(_grads(heads), times * _grads(reference_heads))
-    torch.testing.assert_close(_grads([trunk]), times * direction_of(expected_rows))
+    torch.testing.assert_close(_grads([trunk]), times * direction(expected_rows))

@@ -298,3 +298,76 @@ def test_conformance_error_survives_pickling() -> None:
     error = ConformanceError({"hooks": "a cause"}, "X", 3)
     copy = pickle.loads(pickle.dumps(error))
     assert copy.failures == {"hooks": "a cause"} and str(copy) == str(error)
+
+
+class LearnedScale(tb.LossWeighting):
+    """A learned per-task scale ``s``: objective ``Σ e^(s_i) L_i − s_i``, so ∂/∂s_i is
+    ``w_i L_i − 1``; ``error`` adds to the closed form's gradient (0: right)."""
+
+    error = 0.0
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__(tasks)
+        self.add_learned_parameter("s", torch.zeros(len(self.tasks)), lr=0.1)
+
+    def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
+        return torch.exp(self.s[index])
+
+    def objective(self, losses: Tensor, index: Tensor) -> Tensor:
+        return (torch.exp(self.s[index]) * losses - self.s[index]).sum()
+
+    def objective_and_gradients(
+        self, losses: Tensor, index: Tensor, weights: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        weighted = weights * losses
+        value = (weighted - self.s[index]).sum()
+        return value, {"s": weighted - 1 + self.error * index}
+
+
+class WrongGradient(LearnedScale):
+    error = 0.5  # off for every task but the first
+
+
+class WrongValue(LearnedScale):
+    def objective_and_gradients(
+        self, losses: Tensor, index: Tensor, weights: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        value, grads = super().objective_and_gradients(losses, index, weights)
+        return value + 1, grads  # the objective without its constant: not its value
+
+
+class EveryRow(LearnedScale):
+    """Returns the gradient of every task, not the rows of the present ones."""
+
+    def objective_and_gradients(
+        self, losses: Tensor, index: Tensor, weights: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        value, grads = super().objective_and_gradients(losses, index, weights)
+        full = torch.zeros_like(self.s)
+        full[index] = grads["s"]
+        return value, {"s": full}
+
+
+def test_kit_checks_a_closed_form_against_the_objective() -> None:
+    assert check_strategy(LearnedScale) is None
+    check = ["objective_and_gradients"]
+    with pytest.raises(ConformanceError) as raised:
+        check_strategy(WrongGradient, check)
+    cause = raised.value.failures["objective_and_gradients"]
+    assert cause.startswith(
+        "objective_and_gradients() with tasks ('a', 'b', 'c'): 's' is not the gradient of "
+        "objective (task 'b': closed form "
+    )
+    assert "task 'c': closed form" in cause
+    assert "task 'a'" not in cause  # right for the first task: not named
+    with pytest.raises(ConformanceError) as raised:
+        check_strategy(WrongValue, check)
+    assert raised.value.failures["objective_and_gradients"].startswith(
+        "objective_and_gradients() with tasks ('a', 'b', 'c'): the value is not objective's ("
+    )
+    with pytest.raises(ConformanceError) as raised:
+        check_strategy(EveryRow, check)
+    assert raised.value.failures["objective_and_gradients"] == (
+        "objective_and_gradients() with tasks ('a', 'c'): the gradient of 's' must have the "
+        "present tasks' rows, shape (2,), got (3,)"
+    )

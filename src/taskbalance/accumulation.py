@@ -39,12 +39,21 @@ runs a backward through the DDP graph; ``step()`` reduces the losses, the Jacobi
 the strategy, as in any distributed step) and the final gradient once.
 
 With a ``GradScaler``, pass ``scaler=`` to ``backward`` and ``step``: each micro-batch's
-per-task gradients are taken of the scaled losses and unscaled; if any overflowed, ``step()``
-writes non-finite gradients (so ``scaler.step`` skips) and leaves the strategy untouched.
+per-task gradients are taken of the scaled losses and unscaled; if any overflowed (or, without
+a scaler, is not finite), ``step()`` writes NaN gradients (so ``scaler.step`` skips) and leaves
+the strategy untouched.
+
+Host syncs: none per micro-batch, and the strategy's one verdict in ``step()`` (none with
+``strategy.check_finite = False``): the tasks present are counted on the host, and a non-finite
+gradient is a flag on the device. A non-finite loss in any micro-batch therefore raises
+:class:`~taskbalance.NonFiniteLossError` (naming the task) from ``step()``, which then drops
+the micro-batches accumulated.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -54,7 +63,7 @@ from taskbalance import distributed
 from taskbalance.errors import StrategyError
 from taskbalance.jacobian import accumulate_grad, jacobian
 from taskbalance.report import StepReport
-from taskbalance.strategy import Strategy, loss_scale
+from taskbalance.strategy import Strategy, loss_scale, mark_overflow
 from taskbalance.validation import nonempty_list
 
 __all__ = ["GradientAccumulator"]
@@ -94,6 +103,7 @@ class GradientAccumulator:
         self._loss_sum: Tensor | None = None
         self._count: Tensor | None = None
         self._overflow: Tensor | None = None
+        self._present: set[str] = set()  # on the host: no read of the counts
         self._micro_batches = 0
 
     @property
@@ -106,6 +116,8 @@ class GradientAccumulator:
     ) -> None:
         """Add one micro-batch: its per-task losses and gradients (its graph is freed)."""
         batch = self.strategy.gather({t: v.detach() for t, v in losses.items()})
+        # Validation only: whether the losses are finite is checked on their means, in step().
+        self.strategy._engine.gathered = []
         values = torch.stack([losses[t].reshape(()) for t in batch.names])
         if not values.requires_grad:
             raise StrategyError(
@@ -128,6 +140,7 @@ class GradientAccumulator:
         self._rows.index_add_(0, batch.index, rows.to(self._rows.dtype))
         self._loss_sum.index_add_(0, batch.index, batch.values.to(torch.float64))
         self._count.index_add_(0, batch.index, torch.ones_like(batch.values, dtype=torch.float64))
+        self._present.update(batch.names)
         self._micro_batches += 1
 
     def step(self, *, scaler: torch.amp.GradScaler | None = None) -> StepReport:
@@ -136,20 +149,12 @@ class GradientAccumulator:
             raise StrategyError("step() before any backward(): no micro-batch was accumulated")
         assert self._loss_sum is not None and self._count is not None
         assert self._overflow is not None
-        present = (self._count > 0).tolist()
-        names = [t for t, keep in zip(self.strategy.tasks, present) if keep]
-        index = torch.tensor(
-            [i for i, keep in enumerate(present) if keep], device=self._rows.device
-        )
-        counts = self._count[index]
-        rows = self._rows[index] / counts.to(self._rows.dtype).unsqueeze(1)
-        means = (self._loss_sum[index] / counts).to(self._rows.dtype)
-        if bool(self._overflow):
-            # GradScaler will skip: write non-finite gradients, leave the strategy untouched.
-            accumulate_grad(self._ordered, torch.full_like(rows[0], float("nan")))
-            self.reset()
-            nan = torch.full_like(means, float("nan"))
-            return StepReport(tuple(names), means, nan)
+        names = [t for t in self.strategy.tasks if t in self._present]
+        overflow = self._overflow
+        counts = self._count.clamp(min=1)  # absent tasks: zero rows, left out below
+        # Zero rows after an overflow: the surrogate's value must stay the (finite) losses.
+        rows = torch.where(overflow, 0.0, self._rows / counts.to(self._rows.dtype).unsqueeze(1))
+        means = (self._loss_sum / counts).to(self._rows.dtype)
         shared = torch.zeros(self._shared_size, dtype=rows.dtype, device=rows.device)
         rest = torch.zeros(rows.shape[1] - self._shared_size, dtype=rows.dtype, device=rows.device)
         shared.requires_grad_(True)
@@ -158,20 +163,30 @@ class GradientAccumulator:
         surrogate = (
             means + rows[:, : self._shared_size] @ shared + rows[:, self._shared_size :] @ rest
         )
-        report = self.strategy.backward(
-            dict(zip(names, surrogate.unbind())), shared_params=[shared], scaler=scaler
-        )
+        parts = dict(zip(self.strategy.tasks, surrogate.unbind()))
+        try:
+            # An overflow (a flag on the device) skips the strategy's step: its checks pass,
+            # its weights are NaN and its state is left as it was.
+            with self.strategy.transaction():
+                mark_overflow(overflow)
+                report = self.strategy.backward(
+                    {t: parts[t] for t in names}, shared_params=[shared], scaler=scaler
+                )
+        finally:
+            self.reset()
         update = torch.cat(
             [
                 torch.zeros_like(shared) if shared.grad is None else shared.grad,
                 torch.zeros_like(rest) if rest.grad is None else rest.grad,
             ]
         )
+        # NaN after an overflow (on every rank, once reduced), so that GradScaler.step skips.
+        update = torch.where(overflow, math.nan, update)
         # The surrogate is no DDP graph: average the (local) update once, as DDP would.
         update = distributed.all_reduce_mean(update, self.strategy_group())
         accumulate_grad(self._ordered, update)
-        self.reset()
-        return report
+        weights = torch.where(overflow, math.nan, report.weight_values)
+        return dataclasses.replace(report, weight_values=weights)
 
     def strategy_group(self) -> object:
         """The process group the strategy reduces over (``None``: the default group)."""

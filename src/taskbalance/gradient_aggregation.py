@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import ClassVar, Literal
@@ -16,6 +17,7 @@ from taskbalance import distributed
 from taskbalance.errors import SolverError, StrategyError
 from taskbalance.jacobian import (
     backward_with_direction,
+    direction_backward,
     gramian,
     gramian_backward,
     inputs_reached,
@@ -26,13 +28,16 @@ from taskbalance.solvers import Solution, solver_dtype
 from taskbalance.strategy import (
     HALF,
     Strategy,
+    discarded,
     loss_scale,
     mark_overflow,
-    overflowed,
+    on_overflow,
+    require,
     scaled_backward,
+    verdict,
     watch,
 )
-from taskbalance.validation import TaskLosses, check_gramian_range
+from taskbalance.validation import TaskLosses
 
 __all__ = ["GradientAggregation", "OnFailure", "per_task_jacobian"]
 
@@ -74,11 +79,19 @@ class GradientAggregation(Strategy):
     an iterative solver at its iteration cap) takes an ``on_failure`` argument, hands it to
     :meth:`add_failure_policy` in its constructor and computes its weights with
     :meth:`solved`. ``on_failure="reuse"`` then takes the previous step's solution when the
-    solver raises :class:`SolverError` (equal weights when a present task has none yet);
-    ``"raise"`` lets the error end the step, with nothing changed. A fallback is never silent:
+    solver fails (equal weights when a present task has none yet); ``"raise"`` ends the step
+    with :class:`SolverError` at its verdict, with nothing changed. A fallback is never silent:
     the first one warns, and the step report carries ``failed`` (1 in a step that fell back)
     and ``failures`` (the running count, a buffer saved with the state), which
-    ``report.to_dict()`` includes.
+    ``report.to_dict()`` includes. With ``check_finite = False`` every failure falls back (no
+    warning: the report's ``failed`` says it).
+
+    **Host syncs.** A step reads the device once, at its verdict: once the weights are known,
+    before the final backward (see :class:`~taskbalance.Strategy`). The rows' health (finite,
+    and a zero row only for a task that reaches the inputs), a solver's convergence and a
+    mixed-precision overflow are device flags until then; an overflowed step computes its
+    weights on a harmless Gramian and makes them NaN (so ``GradScaler.step`` skips it) instead of
+    branching on the host.
     """
 
     needs_grads: ClassVar[bool] = True
@@ -113,38 +126,68 @@ class GradientAggregation(Strategy):
     ) -> Tensor:
         """``solve()``, this step's weights of the present tasks ``index``, under ``on_failure``.
 
-        A solution is stored for the next fallback. On :class:`SolverError` (or a linear-algebra
-        failure) with ``on_failure="reuse"``: :meth:`previous_weights`, counted in
-        ``failures``; the first fallback of a strategy warns. The solver's own host sync
-        reported the failure, so the fallback adds none.
+        ``solve()`` returns the weights, or a :class:`~taskbalance.solvers.Solution` whose ``ok``
+        is read with the step's verdict (never on its own), or raises :class:`SolverError` (a
+        failure known on the host, as a linear-algebra error is). On a failure with
+        ``on_failure="reuse"``, or any failure with ``check_finite = False``: the
+        :meth:`previous_weights`, picked with ``torch.where`` and counted in ``failures``
+        without a sync; the first fallback of a strategy warns (with the verdict). With
+        ``"raise"``: the verdict raises the solver's error, and the step changes nothing. A
+        solution that meets its tolerance is stored for the next fallback.
         """
+        reuse = self.on_failure == "reuse" or not self.check_finite
         try:
             with _solver_errors(self):
-                weights = solve()
-                if isinstance(weights, Solution):  # skeleton: checked at once for now
-                    if not bool(weights.ok):
-                        raise SolverError(weights.reason())
-                    weights = weights.weights
+                answer = solve()
         except SolverError as error:
-            if self.on_failure != "reuse":
+            if not reuse:
                 raise
             with torch.no_grad():
                 self.failures += 1
-            if not self._warned_fallback:
-                self._warned_fallback = True
-                warnings.warn(
-                    f"{type(self).__name__} takes the previous step's weights "
-                    f"(on_failure='reuse'): {error}. Shown once; the step report counts every "
-                    "fallback ('failures'). Pass on_failure='raise' to stop instead.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            if not self._warned_fallback:  # with the verdict: not if an earlier check fails
+                failed, message = torch.zeros((), dtype=torch.bool, device=index.device), str(error)
+                require(failed, lambda: self._warn_fallback(message), advisory=True)
             return self.previous_weights(index, equal=equal)
-        if self.on_failure is not None:
-            with torch.no_grad():
-                self.last_weights[index] = weights.detach().to(self.last_weights.dtype)
+        if not isinstance(answer, Solution):
+            self._store(answer, index, None)
+            return answer
+        weights, ok, reason = answer.weights, answer.ok.detach(), answer.reason
+        self._store(weights, index, ok)
+        if not reuse:
+            require(ok, lambda: SolverError(reason()))
+            return weights
+        with torch.no_grad():
+            self.failures += (~ok).to(self.failures.dtype)
+        if not self._warned_fallback:
+            require(ok, lambda: self._warn_fallback(reason()), advisory=True)
+        previous = self.previous_weights(index, equal=equal).to(weights.dtype)
+        return torch.where(ok, weights, previous)
+
+    def _store(self, weights: Tensor, index: Tensor, ok: Tensor | None) -> None:
+        """Keep this step's solution for a later fallback (where ``ok``; no sync)."""
+        if self.on_failure is None:
+            return
+        with torch.no_grad():
+            solution = weights.detach().to(self.last_weights.dtype)
+            if ok is None:
+                self.last_weights[index] = solution
                 self.has_last_weights[index] = True
-        return weights
+            else:
+                self.last_weights[index] = torch.where(ok, solution, self.last_weights[index])
+                self.has_last_weights[index] |= ok
+
+    def _warn_fallback(self, reason: str) -> None:
+        """The warning of a strategy's first fallback (later ones are counted, not shown)."""
+        if self._warned_fallback:
+            return
+        self._warned_fallback = True
+        warnings.warn(
+            f"{type(self).__name__} takes the previous step's weights (on_failure='reuse'): "
+            f"{reason}. Shown once; the step report counts every fallback ('failures'). Pass "
+            "on_failure='raise' to stop instead.",
+            RuntimeWarning,
+            stacklevel=_caller_level(),
+        )
 
     def previous_weights(self, index: Tensor, *, equal: Literal["mean", "sum"] = "mean") -> Tensor:
         """The last stored weights of the tasks ``index``; equal weights (``1/k`` each for
@@ -220,11 +263,15 @@ class GradientAggregation(Strategy):
             raise StrategyError(f"losses must be a tensor [{len(self.tasks)}], got {shape}")
         elif losses.device != jacobian.device:
             raise StrategyError(f"losses are on {losses.device}, the jacobian on {jacobian.device}")
-        if not torch.isfinite(jacobian).all():
-            raise StrategyError("jacobian holds NaN or infinite entries")
-        check_gramian_range(jacobian, self.tasks)
         index, _ = self._index_and_mask(self.tasks, jacobian.device)
+        self._engine.gathered = []  # a plain function of the Jacobian: no losses to check
         with self.transaction(), _solver_errors(self):
+            # For the step's verdict: finite entries, then a Gramian that does not overflow.
+            require(
+                torch.isfinite(jacobian).all(),
+                lambda: StrategyError("jacobian holds NaN or infinite entries"),
+            )
+            _require_finite_norms(self.tasks, jacobian.square().sum(dim=1))
             with torch.no_grad():
                 self.check_losses(losses, index)
             if self._transforms():
@@ -238,6 +285,7 @@ class GradientAggregation(Strategy):
         """Evaluation only: the plain sum of the losses (training needs ``backward``)."""
         batch = self.gather(losses)
         self._refuse_training_combination(batch)
+        self._check_gathered()
         return batch.values.sum()
 
     def backward(
@@ -264,10 +312,13 @@ class GradientAggregation(Strategy):
                 weights = self._backward_reused(work, inputs, scaler, reused)
             elif self.combines_gradients() and _plain_parameters(work, inputs):
                 weights = self._backward_gramian(work, inputs, scaler)
+            elif features is None and _plain_parameters(work, inputs):
+                weights = self._backward_direction(work, inputs, scaler)
             else:
                 weights = self._backward_from_rows(work, inputs, scaler, features is not None)
             if batch.training:
-                with torch.no_grad():
+                verdict()  # settled before the final backward already: on_train_step only
+                with torch.no_grad():  # runs in a step that succeeded
                     self.on_train_step(detached, index)
             if reused is None and not self.combines_gradients():
                 shown = self.report_weights(detached, index)
@@ -294,6 +345,7 @@ class GradientAggregation(Strategy):
         batch = self.gather(losses)
         detached, index = batch.values.detach(), batch.index
         if not batch.training:
+            self._check_gathered()
             return batch.values.sum(), self._report(batch, torch.ones_like(detached), None)
         inputs = self._grad_inputs(shared_params, features, batch)
         repeated = self._repeated_step(losses)
@@ -308,6 +360,7 @@ class GradientAggregation(Strategy):
             work = self._transformed(batch)
             make_total, weights = self._combined(work, inputs, features is not None)
             total = make_total(work, inputs)
+            verdict()  # on_train_step only in a step that succeeded
             with torch.no_grad():
                 self.on_train_step(detached, index)
             if not self.combines_gradients():
@@ -352,12 +405,9 @@ class GradientAggregation(Strategy):
         return (lambda batch, _tensors: (weights * batch.values).sum()), weights
 
     def _report(self, batch: TaskLosses, weights: Tensor, before: Tensor | None) -> StepReport:
+        scalars = {**self._failure_scalars(before), **self._step_scalars(batch.values)}
         return StepReport(
-            batch.names,
-            batch.values.detach(),
-            weights,
-            self.extras(batch.index),
-            self._failure_scalars(before),
+            batch.names, batch.values.detach(), weights, self.extras(batch.index), scalars
         )
 
     def _transformed(self, batch: TaskLosses) -> TaskLosses:
@@ -377,8 +427,19 @@ class GradientAggregation(Strategy):
         return jacobian * slope.to(jacobian.dtype)[:, None], transformed.detach()
 
     def _weights_from_gramian(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        """:meth:`gramian_weights`, clipped by ``max_norm``, in the Gramian's dtype."""
-        return self._clip_by_gramian(self.gramian_weights(gramian, losses, index), gramian)
+        """:meth:`gramian_weights`, clipped by ``max_norm``, in the Gramian's dtype; then the
+        step's :func:`~taskbalance.strategy.verdict` (the weights are known, ``.grad`` is not
+        written yet). In a step to be discarded (a mixed-precision overflow, or a failed check
+        with ``check_finite`` off) the method sees the identity instead of a possibly non-finite
+        Gramian; after an overflow the weights are NaN."""
+        flag = discarded()
+        if flag is not None:
+            eye = torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+            gramian = eye if isinstance(flag, bool) else torch.where(flag, eye, gramian)
+        weights = self._clip_by_gramian(self.gramian_weights(gramian, losses, index), gramian)
+        weights = on_overflow(weights)
+        verdict()
+        return weights
 
     def _clip_by_gramian(self, weights: Tensor, gramian: Tensor) -> Tensor:
         """``weights`` clipped with ``‖d‖² = wᵀGw``, in the Gramian's dtype."""
@@ -421,13 +482,13 @@ class GradientAggregation(Strategy):
         weights: Tensor,
     ) -> Tensor:
         weights, direction = self._clipped_reused(batch, inputs, scaler, weights)
-        if overflowed():  # GradScaler skips this step: NaN gradients and weights
-            weights = torch.full_like(weights, math.nan)
+        weights = on_overflow(weights)  # GradScaler skips this step: NaN gradients and weights
         total = (weights * batch.values).sum()
-        if direction is not None and not overflowed() and _plain_parameters(batch, inputs):
+        if direction is not None and _plain_parameters(batch, inputs):
             # The shared parameters get the clipped d; only the heads are backpropagated.
+            verdict()
             scale = loss_scale(scaler, total.device)
-            backward_with_direction(total, inputs, direction, scale=scale)
+            backward_with_direction(total, inputs, on_overflow(direction), scale=scale)
         else:
             scaled_backward(total, scaler)
         return weights
@@ -444,15 +505,39 @@ class GradientAggregation(Strategy):
             watch(batch.values)  # before any backward, while the graph is whole
 
         def weights_of(matrix: Tensor) -> Tensor:
-            if scale is not None and not bool(torch.isfinite(matrix).all()):
-                mark_overflow()  # GradScaler skips this step: NaN weights, as below
-                return torch.full_like(detached, math.nan)
+            if scale is not None:  # a device flag: GradScaler skips the step, weights are NaN
+                mark_overflow(~torch.isfinite(matrix.diagonal()).all())
             _check_squared(batch, inputs, matrix.diagonal(), features=False)
             with _solver_errors(self):
                 return self._weights_from_gramian(matrix, detached, batch.index)
 
         weights = gramian_backward(batch.values, inputs, weights_of, scale=scale)
         return weights.to(batch.values.dtype)
+
+    def _backward_direction(
+        self, batch: TaskLosses, inputs: Sequence[Tensor], scaler: torch.amp.GradScaler | None
+    ) -> Tensor:
+        """A method with its own direction on plain parameters: the rows and the heads'
+        gradients from one backward per task, nothing traversed after the direction
+        (:func:`taskbalance.jacobian.direction_backward`); returns the weights to report."""
+        detached = batch.values.detach()
+        scale = loss_scale(scaler, batch.values.device)
+        if scale is not None:
+            watch(batch.values)  # before any backward, while the graph is whole
+
+        def direction_of(rows: Tensor) -> tuple[Tensor, Tensor]:
+            squared = torch.linalg.vector_norm(rows, dim=1).square()
+            if scale is not None:  # a device flag: GradScaler skips the step
+                mark_overflow(~torch.isfinite(squared).all())
+            _check_squared(batch, inputs, squared, features=False)
+            with _solver_errors(self):
+                direction = self.aggregate_rows(rows, detached, batch.index, None)
+            verdict()
+            # every gradient NaN in a step that GradScaler skips, the heads' too
+            return on_overflow(direction), on_overflow(torch.ones_like(detached))
+
+        direction_backward(batch.values, inputs, direction_of, scale=scale)
+        return on_overflow(torch.ones_like(detached))
 
     def _backward_from_rows(
         self,
@@ -465,12 +550,6 @@ class GradientAggregation(Strategy):
         not a combination); returns the weights to report."""
         detached = batch.values.detach()
         rows, (start, stop) = _per_task_rows(batch, inputs, scaler, features)
-        if overflowed():
-            # GradScaler will skip this step: compute nothing, and make every gradient say
-            # so (NaN) whatever the weights would have been. The report's weights are NaN.
-            weights = torch.full_like(detached, math.nan)
-            scaled_backward((weights * batch.values).sum(), scaler)
-            return weights
         if self.combines_gradients():
             with _solver_errors(self):
                 weights = self._weights_from_gramian(gramian(rows), detached, batch.index)
@@ -481,16 +560,20 @@ class GradientAggregation(Strategy):
             direction = self.aggregate_rows(
                 rows, detached, batch.index, inputs if features else None
             )
+        # An overflowed step (GradScaler skips it): every gradient NaN, whatever the direction.
+        direction = on_overflow(direction)
+        total = on_overflow(batch.values).sum()
+        verdict()
         if stop - start != direction.shape[0]:
             # features under DDP: this rank's block; DDP's average divides by the ranks
             direction = direction[start:stop] * distributed.world_size(batch.group)
         if _plain_parameters(batch, inputs):
             # The shared parameters get the direction; only the heads are backpropagated.
             scale = loss_scale(scaler, batch.values.device)
-            backward_with_direction(batch.values.sum(), inputs, direction, scale=scale)
+            backward_with_direction(total, inputs, direction, scale=scale)
         else:
-            _backward_replacing(batch.values.sum(), inputs, direction, scaler)
-        return torch.ones_like(detached)
+            _backward_replacing(total, inputs, direction, scaler)
+        return on_overflow(torch.ones_like(detached))
 
 
 @contextlib.contextmanager
@@ -503,6 +586,16 @@ def _solver_errors(strategy: Strategy) -> Iterator[None]:
             f"{type(strategy).__name__} could not compute its weights from this Jacobian "
             f"(degenerate or ill-conditioned Gramian): {error}"
         ) from error
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside taskbalance, for a warning raised in the
+    engine (at the step's verdict, say) to point at the user's call."""
+    package = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _plain_parameters(batch: TaskLosses, inputs: Sequence[Tensor]) -> bool:
@@ -519,32 +612,40 @@ def _plain_parameters(batch: TaskLosses, inputs: Sequence[Tensor]) -> bool:
 def _check_squared(
     batch: TaskLosses, inputs: Sequence[Tensor], squared: Tensor, features: bool
 ) -> None:
-    """One host sync on the squared row norms (the Gramian's diagonal): the Gramian must not
-    overflow, and every task must reach ``inputs``."""
-    healthy = torch.cat([torch.isfinite(squared), squared > 0])
-    if bool(healthy.all()):
-        return
+    """The rows' health, for the step's verdict (no sync here): every squared row norm (the
+    Gramian's diagonal) finite, so that the Gramian does not overflow, and every task with a
+    zero row reaching ``inputs``. A zero row is legitimate (a dead ReLU, an exact optimum) unless
+    the task's loss does not depend on the inputs at all: then the caller passed the wrong
+    tensors. That walk of the graph runs only for a zero row, and only with ``check_finite``."""
+    squared = squared.detach()
+    _require_finite_norms(batch.names, squared)
+
+    def unreached() -> StrategyError | None:
+        argument = "features" if features else "shared_params"
+        for position in (squared == 0).nonzero().reshape(-1).tolist():
+            if not _task_reaches(batch.values, position, inputs):
+                return StrategyError(
+                    f"the loss of task {batch.names[position]!r} does not depend on any tensor "
+                    f"of {argument}; pass tensors that every present task reaches"
+                )
+        return None
+
+    require(squared != 0, unreached, advisory=True)
+
+
+def _require_finite_norms(names: Sequence[str], squared: Tensor) -> None:
+    """For the step's verdict: the squared row norms ``[k]`` are finite, so that the Gramian
+    (whose entries they bound) does not overflow."""
     finite = torch.isfinite(squared)
-    if not bool(finite.all()):
-        bad = batch.names[finite.tolist().index(False)]
-        raise StrategyError(
+
+    def not_finite() -> StrategyError:
+        bad = names[finite.tolist().index(False)]
+        return StrategyError(
             f"the gradient of task {bad!r} is not finite or too large: its squared norm "
             f"overflows {squared.dtype} (scale that loss down)"
         )
-    argument = "features" if features else "shared_params"
-    for position in (squared == 0).nonzero().reshape(-1).tolist():
-        # A zero row is legitimate (a dead ReLU, an exact optimum) unless the task's loss does
-        # not depend on the inputs at all: then the caller passed the wrong tensors.
-        if not _task_reaches(batch.values, position, inputs):
-            raise StrategyError(
-                f"the loss of task {batch.names[position]!r} does not depend on any tensor of "
-                f"{argument}; pass tensors that every present task reaches"
-            )
 
-
-def _check_rows(batch: TaskLosses, inputs: Sequence[Tensor], rows: Tensor, features: bool) -> None:
-    """:func:`_check_squared` of the rows."""
-    _check_squared(batch, inputs, rows.square().sum(dim=1), features)
+    require(finite, not_finite)
 
 
 def _task_reaches(values: Tensor, position: int, inputs: Sequence[Tensor]) -> bool:
@@ -621,8 +722,9 @@ def _per_task_rows(
     span = (0, rows.shape[1])
     if batch.group is not None:
         rows, span = distributed.reduce_rows(rows, features=features, group=batch.group)
-    if scale is not None and not bool(torch.isfinite(rows).all()):
-        mark_overflow()  # after the reduction, so that every rank agrees
-    if not overflowed():
-        _check_rows(batch, inputs, rows, features)
+    squared = torch.linalg.vector_norm(rows, dim=1).square()  # no temporary the size of J
+    if scale is not None:
+        # After the reduction, so that every rank agrees; a flag on the device, never read back.
+        mark_overflow(~torch.isfinite(squared).all())
+    _check_squared(batch, inputs, squared, features)
     return rows, span

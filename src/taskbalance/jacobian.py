@@ -624,13 +624,14 @@ def gramian_backward(
 def direction_backward(
     losses: Tensor,
     inputs: Sequence[Tensor],
-    direction_of: Callable[[Tensor], Tensor],
+    direction_of: Callable[[Tensor], tuple[Tensor, Tensor]],
     *,
     scale: Tensor | None = None,
 ) -> None:
-    """Fill ``.grad`` for a method with its own direction: the leaf tensors ``inputs`` (the shared
-    parameters) get ``d = direction_of(J)`` (``J`` the unscaled rows ``[k, P]``, ``d`` flat
-    ``[P]``), every other leaf (a head) the gradient of ``Σ L_i``.
+    """Fill ``.grad`` for a method with its own direction: ``d, h = direction_of(J)`` (``J`` the
+    unscaled rows ``[k, P]``); the leaf tensors ``inputs`` (the shared parameters) get ``d``
+    (flat, ``[P]``), every other leaf (a head) the gradient of ``Σ h_i L_i`` (ones for the
+    gradient of the plain sum).
 
     One backward per task, each from its own loss, leaves ``J`` and the heads' gradients: nothing
     is traversed again after the direction (the trunk's k backwards are the whole cost). With
@@ -640,11 +641,10 @@ def direction_backward(
     inputs = list(inputs)
     pieces = _leaf_pieces(losses, inputs, (), scale)
     rows = pieces.rows if scale is None else pieces.rows / scale.to(pieces.rows)
-    direction = direction_of(rows)
+    direction, heads = direction_of(rows)
     if scale is not None:
         direction = direction * scale.to(direction)
-    ones = torch.ones(losses.shape[0], dtype=losses.dtype, device=losses.device)
-    for tensor, grad in (_split(inputs, direction) | pieces.combined_extra(ones)).items():
+    for tensor, grad in (_split(inputs, direction) | pieces.combined_extra(heads)).items():
         _add_grad(tensor, grad)
 
 

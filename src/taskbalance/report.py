@@ -19,7 +19,9 @@ class StepReport:
     in this step, in the strategy's order). ``extras`` holds further per-task vectors that a
     strategy wants to log (for example ``"log_var"``), ``scalars`` single values about the step
     (``"failed"`` and ``"failures"`` for strategies with an ``on_failure`` policy, see
-    :class:`GradientAggregation`). Converting to Python floats happens only in :meth:`to_dict`.
+    :class:`GradientAggregation`; ``"skipped"`` with ``check_finite = False``: 1 in a step that
+    failed a check or overflowed, whose state updates were undone, see :class:`Strategy`).
+    Converting to Python floats happens only in :meth:`to_dict`.
     """
 
     tasks: tuple[str, ...]

@@ -9,7 +9,9 @@ method shares:
   and which of them have one row per task, so partial labels, the transaction, ``.to()`` and
   ``state_dict()`` are handled once.
 * **The transaction** (:meth:`Strategy.transaction`): a step that raises, or that met a
-  mixed-precision overflow, leaves every parameter and buffer as it was.
+  mixed-precision overflow, leaves every declared state tensor as it was.
+* **The verdict**: a step reads the device once, for all its checks together, before it writes
+  ``.grad``; with ``check_finite = False`` never (see :class:`Strategy`).
 * **The hooks** a method fills in (:meth:`Strategy.check_losses`,
   :meth:`Strategy.before_train_step`, :meth:`Strategy.on_train_step`, :meth:`Strategy.extras`,
   :meth:`Strategy.end_epoch`) and the one engine that calls them. No strategy overrides
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -28,7 +31,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +42,9 @@ from taskbalance.jacobian import graph_leaves, inputs_reached
 from taskbalance.report import StepReport
 from taskbalance.validation import (
     TaskLosses,
-    check_finite,
     check_graphs,
     check_tasks,
+    non_finite_error,
     nonempty_list,
     validate_losses,
 )
@@ -50,15 +53,22 @@ __all__ = [
     "HALF",
     "Strategy",
     "TaskParameterOptimizer",
+    "discarded",
     "loss_scale",
     "mark_overflow",
+    "on_overflow",
+    "overflow_flag",
     "overflowed",
+    "require",
     "scaled_backward",
+    "verdict",
     "watch",
 ]
 
 # An old state_dict key and the name the state has now (resuming a 0.1 checkpoint).
 _RENAMED_STATE = {"rng_state": "generator_state"}
+
+_Drawn = TypeVar("_Drawn")
 
 
 class TaskParameterOptimizer(nn.Module):
@@ -68,7 +78,8 @@ class TaskParameterOptimizer(nn.Module):
     entries of the tasks marked in ``mask`` and each entry keeps its own step count, so a task
     missing from a batch (partial labels) keeps its value and its moments exactly. With every task
     present it computes what ``torch.optim.Adam`` (L2 ``weight_decay``) or ``torch.optim.SGD``
-    computes. Because the state is in buffers, ``state_dict()`` and ``.to(device)`` cover it.
+    computes, to the last bit. Because the state is in buffers, ``state_dict()`` and
+    ``.to(device)`` cover it.
     """
 
     step_count: Tensor
@@ -106,26 +117,46 @@ class TaskParameterOptimizer(nn.Module):
         return f"kind={self.kind!r}, lr={self.lr}, weight_decay={self.weight_decay}"
 
     @torch.no_grad()
-    def step(self, target: Tensor, grad: Tensor, mask: Tensor) -> None:
-        """Update ``target`` in place from ``grad`` at the entries where ``mask`` is true."""
-        mask = mask.reshape(-1, *([1] * (target.dim() - 1)))
+    def step(self, target: Tensor, grad: Tensor, mask: Tensor | None = None) -> None:
+        """Update ``target`` in place from ``grad`` at the entries where ``mask`` (``[T]`` bool)
+        is true. ``mask=None`` means every task: the fast path, in place on the state (Adam:
+        about twenty small kernels, no host sync)."""
         grad = grad.to(target.dtype)
         if self.weight_decay:
-            grad = grad + self.weight_decay * target
-        if self.kind == "sgd":
-            target.copy_(torch.where(mask, target - self.lr * grad, target))
+            grad = grad.add(target, alpha=self.weight_decay)
+        state = [target]
+        if self.kind == "adam":
+            state += [self.step_count, self.exp_avg, self.exp_avg_sq]
+        if mask is None:
+            self._update(grad, *state)
             return
+        # Partial labels: the same update on copies, kept for the present tasks only.
+        fresh = [tensor.clone() for tensor in state]
+        self._update(grad, *fresh)
+        for old, new in zip(state, fresh):
+            rows = mask if old.dim() == 1 else mask.reshape(-1, *([1] * (old.dim() - 1)))
+            torch.where(rows, new, old, out=old)
+
+    def _update(self, grad: Tensor, target: Tensor, *moments: Tensor) -> None:
+        """One step of every entry, in place, with torch.optim's formulas and order of
+        operations: the same result to the last bit."""
+        if self.kind == "sgd":
+            target.add_(grad, alpha=-self.lr)
+            return
+        step_count, exp_avg, exp_avg_sq = moments
         beta1, beta2 = self.betas
-        self.exp_avg.copy_(torch.where(mask, self.exp_avg.lerp(grad, 1 - beta1), self.exp_avg))
-        self.exp_avg_sq.copy_(
-            torch.where(mask, self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad, self.exp_avg_sq)
-        )
-        self.step_count.add_(mask.reshape(-1).to(self.step_count.dtype))
-        steps = self.step_count.clamp(min=1).reshape(mask.shape)
-        bias1 = 1 - beta1**steps
-        bias2 = 1 - beta2**steps
-        update = self.lr / bias1 * self.exp_avg / (self.exp_avg_sq.sqrt() / bias2.sqrt() + self.eps)
-        target.copy_(torch.where(mask, target - update, target))
+        step_count.add_(1)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # Per-task bias corrections in double precision, as torch.optim.Adam's Python floats
+        # (MPS has no float64), in as few calls as possible: on tensors this small each costs
+        # far more than its arithmetic.
+        steps = step_count.view(-1, *([1] * (target.dim() - 1)))  # one per task
+        power = torch.pow if steps.device.type == "mps" else torch.float_power
+        step_size = power(beta1, steps).sub_(1.0).reciprocal_().mul_(self.lr)  # −lr/(1 − β1^t)
+        bias2_sqrt = torch.rsub(power(beta2, steps), 1.0).sqrt_()
+        denom = exp_avg_sq.sqrt().div_(bias2_sqrt.to(target.dtype)).add_(self.eps)
+        target.addcdiv_(exp_avg.mul(step_size.to(target.dtype)), denom)
 
 
 class Strategy(nn.Module):
@@ -151,6 +182,33 @@ class Strategy(nn.Module):
     (``s(losses)`` then ``s.backward(losses)``, or ``combine`` twice) is the same step: the state
     is not updated a second time and the same weights are used. (Leaf tensors passed as losses,
     as toy problems do, start a new step at every call.)
+
+    **One verdict, one host sync.** Everything a step checks (the losses are finite, every
+    task's gradient is finite and reaches the shared tensors, the conditions hooks register
+    with :meth:`defer_check`, a solver's convergence under ``on_failure="raise"``) is read back
+    from the device together, once per step, just before the step writes ``.grad`` (loss-level
+    strategies: before the backward; gradient methods: once the weights are known, before the
+    final backward). A failing check raises the error it would have raised at once, in the
+    order the step met them (a non-finite loss first, naming its task), and the transaction
+    leaves the state as it was. Syncs that remain: in a distributed step, one more read before
+    the verdict, of the ranks' agreement on the tasks present (the rows' collectives need it; the
+    global losses' check is read with it), even with ``check_finite`` off; with a ``GradScaler``,
+    for a random strategy only, reading an overflow of the final backward to rewind its
+    generator (``GradScaler.step`` syncs anyway). Random draws are made on the host
+    (:meth:`draw`) and never sync. ``tests/syncs.py`` counts a step's syncs on the CPU.
+
+    ``check_finite`` (an instance attribute, ``True`` by default; set ``strategy.check_finite =
+    False`` on any strategy, plug-ins included) turns the verdict off: a step in one process
+    then never syncs with the host, and never raises for what the verdict checks. What you give
+    up: a NaN loss or gradient is not reported as it happens. The step report carries
+    ``skipped`` instead (1 when the step failed a check or overflowed: the strategy's state
+    updates of that step are undone with ``torch.where``, except the host-side random
+    generator, which moves on); the gradients written are whatever the failing values give (NaN
+    for a NaN loss, which a ``GradScaler`` skips); a solver failure falls back to the previous
+    weights whatever ``on_failure`` says (counted in ``failures``, without the warning); a zero
+    gradient row of a task that does not reach the inputs is not told apart from a legitimate
+    one. Errors in the arguments (unknown tasks, shapes, devices) are still raised: they are
+    known on the host.
     """
 
     needs_grads: ClassVar[bool] = False
@@ -191,7 +249,8 @@ class Strategy(nn.Module):
         self._positions = {name: i for i, name in enumerate(self.tasks)}
         self._index_cache: dict[tuple[tuple[str, ...], torch.device], tuple[Tensor, Tensor]] = {}
         self._states: dict[str, bool] = {}  # declared state: name -> one row per task
-        self._last_step: tuple[tuple[tuple[str, Any], ...], Any] | None = None
+        self._host_states: set[str] = set()  # declared state that stays on the CPU
+        self._engine = _Engine()
         # Sets of parameters already checked for task-specific tensors (host-side ids).
         self._checked_inputs: set[tuple[Any, ...]] = set()
 
@@ -240,32 +299,58 @@ class Strategy(nn.Module):
             raise StrategyError(f"seed must be an integer, got {seed!r}")
         state = torch.Generator().manual_seed(seed).get_state()
         self.add_state("generator_state", state, per_task=False)
+        self._host_states.add("generator_state")
 
-    def draw(self, sample: Callable[[torch.Generator], Tensor], *, advance: bool = True) -> Tensor:
+    def draw(
+        self,
+        sample: Callable[[torch.Generator], _Drawn],
+        *,
+        advance: bool = True,
+        device: torch.device | None = None,
+    ) -> _Drawn:
         """``sample(generator)`` on the generator of :meth:`add_random_state`; the state moves on
-        unless ``advance=False`` (a look at the next draw)."""
+        unless ``advance=False`` (a look at the next draw).
+
+        The generator and its state stay on the CPU whatever ``.to()`` does, so a draw never
+        waits for the device. ``sample`` may return a tensor or a Python value (a seed, say);
+        with ``device``, a tensor is sent there without blocking the host.
+        """
         generator = torch.Generator()
-        generator.set_state(self.generator_state.detach().cpu())  # a sync if on a GPU
+        generator.set_state(self.generator_state.detach().cpu())  # kept on the CPU: no sync
         result = sample(generator)
         if advance:
             self.generator_state.copy_(generator.get_state())
+        if device is not None and isinstance(result, Tensor):
+            return result.to(device, non_blocking=True)  # type: ignore[return-value]
         return result
 
-    def _per_task_tensors(self) -> Iterator[tuple[dict[str, Any], str, Tensor]]:
-        """(slots, name, tensor) of every tensor with one row per task: declared per-task state
-        and the moments of the strategy's own optimizers."""
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Strategy:
+        # .to(device) and friends move every tensor but the host-side state (random generators).
+        kept = {name: self._buffers[name] for name in self._host_states}
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():
+            moved = self._buffers[name]
+            if tensor is not None and moved is not None and moved.device != tensor.device:
+                self._buffers[name] = tensor
+        return self
+
+    def _declared_state(self) -> Iterator[tuple[dict[str, Any], str, Tensor, bool, bool]]:
+        """(slots, name, tensor, per_task, on_host) of every declared state tensor: the
+        strategies' declared state and the moments of their own optimizers (the conformance kit
+        checks that nothing else changes in a step)."""
         for module in self.modules():
             if isinstance(module, Strategy):
-                declared = [name for name, per_task in module._states.items() if per_task]
+                declared = list(module._states.items())
+                host = module._host_states
             elif isinstance(module, TaskParameterOptimizer):
-                declared = list(module._buffers)
+                declared, host = [(name, True) for name in module._buffers], set()
             else:
                 continue
-            for name in declared:
+            for name, per_task in declared:
                 for slots in (module._parameters, module._buffers):
                     tensor = slots.get(name)
                     if tensor is not None:
-                        yield slots, name, tensor
+                        yield slots, name, tensor, per_task, name in host
 
     # ----------------------------------------------------------------- hooks
     def check_losses(self, losses: Tensor, index: Tensor) -> None:
@@ -274,12 +359,15 @@ class Strategy(nn.Module):
 
     def before_train_step(self, losses: Tensor, index: Tensor) -> None:
         """Called at the start of every training step, before the weights, inside the
-        transaction (FAMO takes its delayed logit step here)."""
+        transaction (FAMO takes its delayed logit step here). It may run in a step that then
+        fails its verdict (a NaN loss, say): the transaction undoes what it changed."""
 
     def on_train_step(self, losses: Tensor, index: Tensor) -> None:
         """Called once after each successful training step with the (detached) losses of the
-        present tasks and their positions ``index``; inside the transaction, so a failure or a
-        mixed-precision overflow undoes it with everything else. Never called in evaluation."""
+        present tasks and their positions ``index``, after the step's verdict; inside the
+        transaction, so a failure or a mixed-precision overflow undoes it with everything else
+        (with ``check_finite`` off, every step calls it, and a rejected step's updates are
+        undone). Never called in evaluation."""
 
     def end_epoch(self) -> None:
         """Close a training epoch (DWA and STCH use epochs); a no-op for most methods."""
@@ -296,14 +384,20 @@ class Strategy(nn.Module):
 
     def defer_check(self, ok: Tensor, error: Callable[[], Exception]) -> None:
         """Require ``ok`` (a bool tensor, all true) in this step; ``error()`` builds the exception
-        to raise otherwise. (Skeleton: checked at once; the engine will defer it to the step's
-        one verdict.)"""
-        if not bool(ok.all()):
-            raise error()
+        to raise otherwise (it may read values back: it runs only on failure).
+
+        Inside a step (a hook such as :meth:`check_losses`) the check joins the step's one
+        verdict, read back with the others before the step writes ``.grad``; its error is
+        raised in the order the step met the checks, and the step changes nothing. With
+        ``check_finite = False`` it is never read back: a failure marks the step ``skipped``
+        and undoes its state updates. Outside a step it is checked at once (a host sync).
+        """
+        require(ok, error)
 
     def first_failing(self, ok: Tensor, index: Tensor) -> tuple[str, int] | None:
         """``(task, position)`` of the first ``False`` in ``ok`` (one entry per present task),
-        ``None`` if all are true: for :meth:`check_losses` messages. One host sync."""
+        ``None`` if all are true: for the messages of :meth:`check_losses`, built in the error
+        function of :meth:`defer_check` (it reads ``ok`` back: call it only on failure)."""
         if bool(ok.all()):
             return None
         position = ok.tolist().index(False)
@@ -339,9 +433,9 @@ class Strategy(nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in arguments.items())
 
     def __getstate__(self) -> dict[str, Any]:
-        # The last step's weak references and closures are no state: copies and pickles of a
-        # strategy start without them.
-        return {**super().__getstate__(), "_last_step": None}
+        # The engine's bookkeeping (the last step's weak references, closures and checks) is no
+        # state: copies and pickles of a strategy start without it.
+        return {**super().__getstate__(), "_engine": _Engine()}
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"tasks": list(self.tasks), "strategy": type(self).__qualname__}
@@ -397,14 +491,19 @@ class Strategy(nn.Module):
             if isinstance(saved, Tensor) and current.numel() == 0 and saved.shape != current.shape:
                 # A state sized at its first use: take the saved size.
                 setattr(self, name, current.new_zeros(saved.shape, dtype=saved.dtype))
-        self._last_step = None
+        self._engine.last_step = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     # ----------------------------------------------------------------- the engine
     def gather(self, losses: Mapping[str, Tensor]) -> TaskLosses:
-        """Validate ``losses`` and stack the present ones in the strategy's task order."""
+        """Validate ``losses`` and stack the present ones in the strategy's task order.
+
+        Whether they are finite is not read here: the check goes to the step's verdict (the
+        transaction that follows adopts it), so that a step reads the device once.
+        """
+        self._engine.gathered = []
         names, parts = validate_losses(losses, self.tasks)
         check_graphs(names, parts)
         device = parts[0].device
@@ -419,7 +518,9 @@ class Strategy(nn.Module):
         group = self._sync_group(values)
         training = self.training and values.requires_grad and torch.is_grad_enabled()
         if group is None:
-            check_finite(names, values)
+            detached = values.detach()
+            finite = torch.isfinite(detached)
+            self._engine.gathered = [_Check(finite, lambda: non_finite_error(names, detached))]
             return TaskLosses(names, values, index, mask, None, tuple(parts), training)
         # One collective: the global mean of every task's loss. The values become the global
         # ones, the gradient stays the local one (DDP averages it in the final backward).
@@ -427,8 +528,18 @@ class Strategy(nn.Module):
         ranks = distributed.world_size(group)
         finite = torch.isfinite(means)
         agreed = (counts == 0) | (counts == ranks)
-        if not bool(torch.cat([finite, agreed]).all()):  # every rank reaches the same verdict
-            self._raise_distributed(names, values, finite, counts, ranks)
+
+        def error() -> StrategyError:
+            return self._distributed_error(names, values, finite, counts, ranks)
+
+        # A sync of its own: the rows' collectives need the same tasks on every rank (every
+        # rank reaches the same verdict). The global losses' finiteness is read with it, or,
+        # without check_finite, left to the step's flags.
+        if self.check_finite:
+            _raise_first([_Check(torch.cat([agreed, finite]), error)])
+        else:
+            _raise_first([_Check(agreed, error)])
+            self._engine.gathered = [_Check(finite, error)]
         # Stacked per task, so that each row of the Jacobian keeps its own backward root.
         shifts = (means - values.detach()).unbind()
         parts = [part + shift for part, shift in zip(parts, shifts)]
@@ -441,34 +552,50 @@ class Strategy(nn.Module):
             return distributed.resolve_group(self.process_group)
         return None
 
-    def _raise_distributed(
+    def _distributed_error(
         self,
         names: tuple[str, ...],
         values: Tensor,
         finite: Tensor,
         counts: Tensor,
         ranks: int,
-    ) -> None:
+    ) -> StrategyError:
         split = [t for t, c in zip(self.tasks, counts.tolist()) if 0 < c < ranks]
         if split:
-            raise StrategyError(
+            return StrategyError(
                 f"task {split[0]!r} is in the losses of {int(counts[self._positions[split[0]]])} "
                 f"of {ranks} ranks; every rank must pass the same tasks in a step"
             )
         bad = names[finite.tolist().index(False)]
         where = "" if not bool(torch.isfinite(values).all()) else " on another rank"
-        raise NonFiniteLossError(f"loss of task {bad!r} is not finite{where}", task=bad)
+        return NonFiniteLossError(f"loss of task {bad!r} is not finite{where}", task=bad)
 
     def _index_and_mask(
         self, names: tuple[str, ...], device: torch.device
     ) -> tuple[Tensor, Tensor]:
         key = (names, device)
         if key not in self._index_cache:
-            index = torch.tensor([self._positions[n] for n in names], device=device)
+            # Sent without blocking the host: no sync on a GPU, even for a new set of tasks.
+            positions = torch.tensor([self._positions[n] for n in names])
+            index = positions.to(device, non_blocking=True)
             mask = torch.zeros(len(self.tasks), dtype=torch.bool, device=device)
             mask[index] = True
             self._index_cache[key] = (index, mask)
         return self._index_cache[key]
+
+    def _check_gathered(self) -> None:
+        """The checks of :meth:`gather` in a call without a transaction (evaluation): read back
+        at once, unless ``check_finite`` is off."""
+        checks, self._engine.gathered = self._engine.gathered, []
+        if self.check_finite:
+            _raise_first(checks)
+
+    def _refuse(self, error: StrategyError) -> NoReturn:
+        """Raise ``error`` about the arguments, unless a loss of the call is not finite: that
+        error comes first, as it always has (read back on this error path only)."""
+        checks, self._engine.gathered = self._engine.gathered, []
+        _raise_first(checks)
+        raise error
 
     def _state_device(self) -> torch.device | None:
         for tensor in self._state_tensors():
@@ -476,23 +603,32 @@ class Strategy(nn.Module):
         return None
 
     def _state_tensors(self) -> Iterator[Tensor]:
-        yield from self.parameters()
-        yield from self.buffers()
+        """Every parameter and buffer, but the state kept on the host (random generators)."""
+        for module in self.modules():
+            host = module._host_states if isinstance(module, Strategy) else set()
+            for slots in (module._parameters, module._buffers):
+                for name, tensor in slots.items():
+                    if tensor is not None and name not in host:
+                        yield tensor
 
     def _refuse_training_combination(self, batch: TaskLosses) -> None:
         if batch.has_graph and self.training:
-            raise StrategyError(
-                f"{type(self).__name__} needs per-task gradients: train with "
-                "strategy.backward(losses, shared_params=...) or features=... (or combine with "
-                "them); calling the strategy on losses only evaluates (use torch.no_grad() or "
-                ".eval())"
+            self._refuse(
+                StrategyError(
+                    f"{type(self).__name__} needs per-task gradients: train with "
+                    "strategy.backward(losses, shared_params=...) or features=... (or combine "
+                    "with them); calling the strategy on losses only evaluates (use "
+                    "torch.no_grad() or .eval())"
+                )
             )
 
     def _require_graph(self, batch: TaskLosses) -> None:
         if not batch.has_graph:
-            raise StrategyError(
-                f"backward needs losses that require grad; task {batch.names[0]!r} has no graph "
-                "(computed under torch.no_grad() or detached?)"
+            self._refuse(
+                StrategyError(
+                    f"backward needs losses that require grad; task {batch.names[0]!r} has no "
+                    "graph (computed under torch.no_grad() or detached?)"
+                )
             )
 
     def _grad_inputs(
@@ -502,22 +638,25 @@ class Strategy(nn.Module):
         batch: TaskLosses,
     ) -> list[Tensor]:
         if (shared_params is None) == (features is None):
-            raise StrategyError(
-                f"{type(self).__name__} needs exactly one of shared_params= (the shared "
-                "parameters) or features= (the output of the shared trunk)"
+            self._refuse(
+                StrategyError(
+                    f"{type(self).__name__} needs exactly one of shared_params= (the shared "
+                    "parameters) or features= (the output of the shared trunk)"
+                )
             )
-        if features is not None:
-            argument = "features"
-            inputs = (
-                [features] if isinstance(features, Tensor) else nonempty_list(features, argument)
-            )
-        else:
-            assert shared_params is not None
-            argument = "shared_params"
-            inputs = nonempty_list(shared_params, argument)
+        argument = "features" if features is not None else "shared_params"
+        try:
+            if isinstance(features, Tensor):
+                inputs = [features]
+            else:
+                given = features if features is not None else shared_params
+                assert given is not None
+                inputs = nonempty_list(given, argument)
+        except StrategyError as error:
+            self._refuse(error)
         for tensor in inputs:
             if not isinstance(tensor, Tensor) or not tensor.requires_grad:
-                raise StrategyError(f"every tensor in {argument} must require grad")
+                self._refuse(StrategyError(f"every tensor in {argument} must require grad"))
         if batch.training:
             self._warn_task_specific(batch, inputs, argument)
         return inputs
@@ -557,51 +696,104 @@ class Strategy(nn.Module):
 
     @contextlib.contextmanager
     def transaction(self, mask: Tensor | None = None) -> Iterator[None]:
-        """Restore every parameter and buffer if the block raises: a failed step changes nothing.
+        """One step: its verdict, and its state restored if it fails.
 
-        Also restores them, without raising, when the block met a mixed-precision overflow
-        (non-finite scaled gradients, see :func:`scaled_backward`): ``GradScaler.step`` skips
-        such a step, and the strategy skips it too. With ``mask`` (``[T]`` bool, the tasks
-        present), the rows of absent tasks in per-task state are restored when the block
-        succeeds: partial labels change the present tasks' state only.
+        The block's checks (the losses that :meth:`gather` just validated, :meth:`defer_check`,
+        the engine's own) are read back once, at :func:`verdict` or when the block ends; a
+        failing one raises its error. A block that raises changes no declared state (every
+        tensor of :meth:`add_state` and of the strategy's own optimizers is restored; the
+        conformance kit checks that nothing else changes), and an error raised by the block is
+        replaced by the error of an earlier check that fails (a non-finite loss comes first).
+
+        Without a sync, the step's updates are undone with ``torch.where`` when it met a
+        mixed-precision overflow (non-finite scaled gradients, see :func:`scaled_backward`:
+        ``GradScaler.step`` skips such a step) or, with ``check_finite = False``, failed a check.
+        With ``mask`` (``[T]`` bool, the tasks present), the rows of absent tasks in per-task
+        state are kept as they were: partial labels change the present tasks' state only.
+
+        Cost: one ``torch._foreach_copy_`` of the declared state (nothing for a strategy
+        without state), and no sync but the verdict's.
         """
-        saved = [
-            (slots, name, tensor, tensor.detach().clone())
-            for module in self.modules()
-            for slots in (module._parameters, module._buffers)
-            for name, tensor in slots.items()
-            if tensor is not None
-        ]
-        step = _StepState()
+        engine = self._engine
+        saved = self._snapshot()
+        outer = _STEP.get()
+        inherited = None if outer is None else outer.overflow_flag
+        step = _StepState(
+            self.check_finite, engine.gathered, overflow_flag=inherited, inherited=inherited
+        )
+        engine.gathered = []
         token = _STEP.set(step)
+        engine.depth += 1
         try:
             yield
+            step.settle()  # what the block did not settle before writing .grad
+            step.check_gradients()
+        except Exception:
+            saved.restore()
+            earlier = step.pending_error()
+            if earlier is not None:
+                raise earlier  # noqa: B904 - the cause, with the block's error as its context
+            raise
         except BaseException:
-            _restore(saved)
+            saved.restore()
             raise
         finally:
+            engine.depth -= 1
             _STEP.reset(token)
-        if not step.overflow and step.watched and _has_nonfinite_grad(step.watched.values()):
-            step.overflow = True  # GradScaler.step will see these gradients and skip
+        if outer is not None:
+            outer.absorb(step)
+        rejected = step.rejected()
+        engine.rejected = True if step.overflow else (False if rejected is None else rejected)
         if step.overflow:
-            _restore(saved)
-            outer = _STEP.get()
-            if outer is not None:
-                outer.overflow = True
-        elif mask is not None:
-            self._keep_absent_rows(saved, mask)
+            saved.restore()
+            return
+        if rejected is not None and self.check_finite and saved.on_host():
+            # A random strategy under a GradScaler: its generator lives on the host, so
+            # rewinding it after an overflow needs the flag (the only sync besides the verdict).
+            if bool(rejected):
+                saved.restore()
+                return
+            rejected, engine.rejected = None, False
+        if rejected is not None or mask is not None:
+            saved.undo(rejected, mask)
 
-    def _keep_absent_rows(
-        self, saved: Sequence[tuple[dict[str, Any], str, Tensor, Tensor]], mask: Tensor
-    ) -> None:
-        before = {(id(slots), name): copy for slots, name, _, copy in saved}
+    def _snapshot(self) -> _Snapshot:
+        """A copy of every declared state tensor: one ``torch._foreach_copy_`` into buffers kept
+        from the last step (nothing at all for a strategy without state)."""
+        engine = self._engine
+        key = (len(self._states), len(self._modules))  # a new state or submodule: a new layout
+        if engine.layout is None or engine.layout[0] != key:
+            layout = [
+                (slots, name, per_task, host)
+                for slots, name, _, per_task, host in self._declared_state()
+            ]
+            engine.layout, engine.copies = (key, layout), []
+        layout = engine.layout[1]
+        if not layout:
+            return _Snapshot([], [], [])
+        live = [slots[name] for slots, name, _, _ in layout]
+        # A nested transaction of the same strategy (GradientAccumulator's) keeps its own copies.
+        copies = engine.copies if engine.depth == 0 else []
+        if len(copies) != len(live) or any(
+            c.shape != t.shape or c.dtype != t.dtype or c.device != t.device
+            for c, t in zip(copies, live)
+        ):
+            copies = [torch.empty_like(tensor, requires_grad=False) for tensor in live]
+            if engine.depth == 0:
+                engine.copies = copies
         with torch.no_grad():
-            for slots, name, tensor in self._per_task_tensors():
-                copy = before.get((id(slots), name))
-                if copy is None or copy.shape != tensor.shape or tensor.dim() == 0:
-                    continue  # sized in this step: the absent rows hold their initial value
-                present = mask.reshape(-1, *([1] * (tensor.dim() - 1)))
-                tensor.copy_(torch.where(present, tensor, copy))
+            torch._foreach_copy_(copies, live)
+        return _Snapshot(layout, live, copies)
+
+    def _step_scalars(self, like: Tensor) -> dict[str, Tensor]:
+        """``{"skipped": 0-d float}`` of the last step when ``check_finite`` is off (1: a check
+        failed or mixed precision overflowed, its state updates were undone), else ``{}``."""
+        if self.check_finite:
+            return {}
+        rejected = self._engine.rejected
+        if isinstance(rejected, Tensor):
+            return {"skipped": rejected.to(like.device, torch.float32)}
+        return {"skipped": torch.full((), float(rejected), device=like.device)}
 
     def _step_mask(self, batch: TaskLosses) -> Tensor | None:
         """The mask for :meth:`transaction` when some tasks are absent (no host sync)."""
@@ -609,7 +801,7 @@ class Strategy(nn.Module):
 
     def _repeated_step(self, losses: Mapping[str, Tensor]) -> Any:
         """What the last training step stored, if ``losses`` are its very loss tensors."""
-        last = self._last_step
+        last = self._engine.last_step
         if last is None or not (self.training and torch.is_grad_enabled()):
             return None
         refs, stored = last
@@ -622,26 +814,173 @@ class Strategy(nn.Module):
     def _remember_step(self, losses: Mapping[str, Tensor], stored: Any) -> None:
         # Only computed losses identify a step: leaf tensors (a toy reusing its losses) are new
         # steps each time.
-        self._last_step = None
+        self._engine.last_step = None
         if not all(
             isinstance(loss, Tensor) and loss.grad_fn is not None for loss in losses.values()
         ):
             return
         refs = tuple((name, weakref.ref(loss)) for name, loss in losses.items())
-        self._last_step = (refs, stored)
+        self._engine.last_step = (refs, stored)
+
+
+class _Engine:
+    """What the engine keeps between calls that is not state, in plain attributes (a module's
+    ``__setattr__`` costs more than a small step's arithmetic)."""
+
+    __slots__ = ("copies", "depth", "gathered", "last_step", "layout", "rejected")
+
+    def __init__(self) -> None:
+        self.gathered: list[_Check] = []  # gather()'s checks, for the transaction to adopt
+        self.rejected: Tensor | bool = False  # the last step's: a device flag, or known here
+        self.last_step: tuple[tuple[tuple[str, Any], ...], Any] | None = None
+        # Where the declared state lives: (key, [(slots, name, per_task, on_host)]).
+        self.layout: tuple[Any, list[tuple[dict[str, Any], str, bool, bool]]] | None = None
+        self.copies: list[Tensor] = []  # the snapshot's buffers, reused from step to step
+        self.depth = 0  # transactions open
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The declared state tensors at the start of a step (``live``) and their copies."""
+
+    layout: list[tuple[dict[str, Any], str, bool, bool]]
+    live: list[Tensor]
+    copies: list[Tensor]
+
+    def on_host(self) -> bool:
+        return any(host for _, _, _, host in self.layout)
+
+    def restore(self) -> None:
+        """Put every state tensor back; one that the step replaced (a buffer sized on first
+        use, say) gets its old tensor back, shape included."""
+        with torch.no_grad():
+            for (slots, name, _, _), tensor, copy in zip(self.layout, self.live, self.copies):
+                current = slots.get(name)
+                if current is tensor and current.shape == copy.shape:
+                    current.copy_(copy)
+                else:
+                    slots[name] = copy.clone()  # the copy's buffer serves the next step
+
+    def undo(self, rejected: Tensor | None, mask: Tensor | None) -> None:
+        """Keep the step's updates only where they stand, with ``torch.where`` (no sync):
+        nowhere if ``rejected`` (a 0-d bool on the device) is true, and, in per-task state,
+        only in the rows of the tasks present (``mask``). Host-side state (a random generator)
+        keeps its updates."""
+        with torch.no_grad():
+            for (slots, name, per_task, host), tensor, copy in zip(
+                self.layout, self.live, self.copies
+            ):
+                if per_task and mask is not None and copy.dim() > 0:
+                    keep = mask.reshape(-1, *([1] * (copy.dim() - 1)))
+                    if rejected is not None:
+                        keep = keep & ~rejected
+                elif rejected is not None and not host:
+                    keep = ~rejected
+                else:
+                    continue
+                current = slots.get(name)
+                if current is not tensor or current.shape != copy.shape:
+                    # Sized in this step (first use): the absent rows hold their initial value;
+                    # a rejected step gets the old tensor back, which needs the flag (first step
+                    # only).
+                    if rejected is not None and bool(rejected):
+                        slots[name] = copy.clone()
+                    continue
+                current.copy_(torch.where(keep, current, copy))
+
+
+@dataclass(frozen=True)
+class _Check:
+    """A condition of one step: ``ok`` (a bool tensor) all true, else ``error()`` (``None``: no
+    error on a closer look, e.g. a zero gradient row of a task that does reach the inputs)."""
+
+    ok: Tensor
+    error: Callable[[], Exception | None]
+    # Read only with check_finite, and then raised or shown as any check; without it, not a
+    # failure of the step (a warning to show, a zero gradient row that may be legitimate).
+    advisory: bool = False
 
 
 @dataclass
 class _StepState:
-    """What a transaction learns about a mixed-precision step."""
+    """What a transaction learns about its step: the checks of its verdict, a mixed-precision
+    overflow, and (without ``check_finite``) whether a check failed."""
 
-    overflow: bool = False
+    strict: bool = True  # check_finite: the verdict is read back and raises
+    checks: list[_Check] = field(default_factory=list)
+    overflow: bool = False  # known on the host
+    overflow_flag: Tensor | None = None  # found on the device, never read back
+    failed: Tensor | None = None  # not strict: a check failed (on the device)
+    inherited: Tensor | None = None  # the enclosing step's overflow flag, at the start
     # Leaves whose gradients a scaled backward wrote: checked once, when the transaction ends.
     watched: dict[int, Tensor] = field(default_factory=dict)
+
+    def require(self, check: _Check) -> None:
+        if self.overflow:
+            return  # the step is skipped: what it meets after the overflow does not matter
+        if self.overflow_flag is not None:
+            check = dataclasses.replace(check, ok=check.ok | self.overflow_flag)
+        self.checks.append(check)
 
     def watch(self, root: Tensor) -> None:
         for leaf in graph_leaves(root):
             self.watched.setdefault(id(leaf), leaf)
+
+    def flag_overflow(self, flag: Tensor) -> None:
+        flag = flag.detach().reshape(())
+        self.overflow_flag = flag if self.overflow_flag is None else self.overflow_flag | flag
+
+    def settle(self) -> None:
+        """The verdict on the checks so far: one read from the device, a raise if one fails;
+        not strict, no read: a failure is kept in ``failed``."""
+        checks, self.checks = self.checks, []
+        if self.strict:
+            oks = [check.ok for check in checks]
+            flag = self.overflow_flag
+            if flag is None:
+                _raise_first(checks)
+                return
+            # The overflow flag is read with the checks: from here on it is known on the host.
+            *values, fine = _read([*oks, ~flag])
+            self.overflow_flag = None
+            self.overflow = self.overflow or not fine
+            error = _first_error(checks, values)
+            if error is not None:
+                raise error
+            return
+        failures = [check.ok.all() for check in checks if not check.advisory]
+        if failures:
+            bad = ~torch.stack(failures).all()
+            self.failed = bad if self.failed is None else self.failed | bad
+
+    def pending_error(self) -> Exception | None:
+        """The error of the first failing check not settled yet (on an error path: reads back)."""
+        checks, self.checks = self.checks, []
+        return _first_error(checks)
+
+    def check_gradients(self) -> None:
+        """Flag an overflow if a watched leaf got a non-finite gradient (no sync)."""
+        if self.watched and not self.overflow:
+            flag = _nonfinite_grad_flag(self.watched.values())
+            if flag is not None:
+                self.flag_overflow(flag)
+
+    def rejected(self) -> Tensor | None:
+        """The device flag of a step whose state updates must be undone; ``None``: none."""
+        flags = [f for f in (self.failed, self.overflow_flag) if f is not None]
+        if not flags:
+            return None
+        return flags[0] if len(flags) == 1 else flags[0] | flags[1]
+
+    def absorb(self, inner: _StepState) -> None:
+        """An inner transaction's outcome is part of this step's."""
+        self.overflow = self.overflow or inner.overflow
+        if inner.inherited is not None and inner.overflow_flag is None:
+            self.overflow_flag = None  # the inner verdict read it (into inner.overflow)
+        elif inner.overflow_flag is not None and inner.overflow_flag is not self.overflow_flag:
+            self.flag_overflow(inner.overflow_flag)
+        if inner.failed is not None:
+            self.failed = inner.failed if self.failed is None else self.failed | inner.failed
 
 
 _STEP: contextvars.ContextVar[_StepState | None] = contextvars.ContextVar(
@@ -649,22 +988,110 @@ _STEP: contextvars.ContextVar[_StepState | None] = contextvars.ContextVar(
 )
 
 
-def _restore(saved: Sequence[tuple[dict[str, Any], str, Tensor, Tensor]]) -> None:
-    """Put every saved parameter and buffer back; one that the step replaced (a buffer sized
-    on first use, say) gets its old tensor back, shape included."""
-    with torch.no_grad():
-        for slots, name, tensor, copy in saved:
-            if slots.get(name) is tensor and tensor.shape == copy.shape:
-                tensor.copy_(copy)
-            else:
-                slots[name] = copy
+def _read(oks: Sequence[Tensor]) -> list[bool]:
+    """Whether each of ``oks`` is all true: one read back from the device for all of them."""
+    if len(oks) == 1:
+        return [bool(oks[0].all())]
+    return torch.stack([ok.all() for ok in oks]).tolist()
 
 
-def mark_overflow() -> None:
-    """Mark the current :meth:`Strategy.transaction` as a mixed-precision overflow."""
+def _first_error(checks: Sequence[_Check], values: list[bool] | None = None) -> Exception | None:
+    """The error of the first failing check (in the order the step met them), or ``None``;
+    ``values``: whether each check passed, if already read."""
+    if not checks:
+        return None
+    if values is None:
+        values = _read([check.ok for check in checks])
+    for check, ok in zip(checks, values):
+        if not ok:
+            error = check.error()
+            if error is not None:
+                return error
+    return None
+
+
+def _raise_first(checks: Sequence[_Check]) -> None:
+    error = _first_error(checks)
+    if error is not None:
+        raise error
+
+
+def require(ok: Tensor, error: Callable[[], Exception | None], *, advisory: bool = False) -> None:
+    """Add a check to the current step's verdict (:meth:`Strategy.defer_check`, for engine code
+    without the strategy at hand). ``error()`` may return ``None`` (no error on a closer look).
+    ``advisory``: read only with ``check_finite`` (a warning to show, a condition that may be
+    legitimate); without it the check is dropped instead of failing the step. Outside a step
+    the check is read at once."""
+    check = _Check(ok.detach(), error, advisory)
+    step = _STEP.get()
+    if step is None:
+        _raise_first([check])
+    elif step.strict or not advisory:
+        step.require(check)
+
+
+def overflow_flag() -> Tensor | bool | None:
+    """The current step's mixed-precision overflow: a 0-d bool on the device, ``True`` when known
+    on the host, ``None`` when there is none to fear."""
+    step = _STEP.get()
+    if step is None:
+        return None
+    return True if step.overflow else step.overflow_flag
+
+
+def discarded() -> Tensor | bool | None:
+    """Whether the current step's result is to be thrown away, as far as known without a sync:
+    a mixed-precision overflow, or (with ``check_finite`` off) a check failed so far. A 0-d bool
+    on the device, ``True`` when known on the host, ``None`` when there is none to fear. The
+    engine hands a solver harmless input where it is true: with ``check_finite`` a failed check
+    raises at the verdict instead."""
+    step = _STEP.get()
+    if step is None:
+        return None
+    if step.overflow:
+        return True
+    if not step.strict:
+        step.settle()  # no sync: the checks so far into step.failed
+    flags = [f for f in (step.overflow_flag, step.failed) if f is not None]
+    if not flags:
+        return None
+    return flags[0] if len(flags) == 1 else flags[0] | flags[1]
+
+
+def verdict() -> None:
+    """Settle the current step's checks now: the engine calls it just before it writes ``.grad``.
+    One host sync with ``check_finite`` (and a raise if a check fails), none without."""
     step = _STEP.get()
     if step is not None:
+        step.settle()
+
+
+def mark_overflow(flag: Tensor | None = None) -> None:
+    """Mark the current :meth:`Strategy.transaction` as a mixed-precision overflow: known on the
+    host (no ``flag``), or where the 0-d bool ``flag`` on the device is true, without reading it.
+    Checks registered afterwards pass in an overflowed step (the step is skipped anyway)."""
+    step = _STEP.get()
+    if step is None:
+        return
+    if flag is None:
         step.overflow = True
+    else:
+        step.flag_overflow(flag)
+
+
+def on_overflow(values: Tensor, fill: float = math.nan) -> Tensor:
+    """``values``, or ``fill`` in their place where the current step overflowed (no sync).
+
+    NaN weights and directions make every gradient of a skipped mixed-precision step say so
+    (``GradScaler.step`` then skips); a harmless ``fill`` keeps a solver away from non-finite
+    input in a step whose result is discarded anyway.
+    """
+    flag = overflow_flag()
+    if flag is None:
+        return values
+    if isinstance(flag, bool):
+        return torch.full_like(values, fill)
+    return torch.where(flag, fill, values)
 
 
 def watch(root: Tensor) -> None:
@@ -676,35 +1103,43 @@ def watch(root: Tensor) -> None:
 
 
 def overflowed() -> bool:
-    """Whether the current :meth:`Strategy.transaction` met a mixed-precision overflow."""
+    """Whether the current :meth:`Strategy.transaction` met a mixed-precision overflow that is
+    known on the host (an overflow found on the device is never read back: see
+    :func:`on_overflow`)."""
     step = _STEP.get()
     return step is not None and step.overflow
 
 
-def _has_nonfinite_grad(tensors: Iterable[Tensor]) -> bool:
+def _nonfinite_grad_flag(tensors: Iterable[Tensor]) -> Tensor | None:
+    """A 0-d bool on the device: whether a gradient of ``tensors`` is not finite (no sync)."""
     grads: dict[torch.device, list[Tensor]] = {}
     for tensor in tensors:
         if tensor.grad is not None:
             grads.setdefault(tensor.grad.device, []).append(tensor.grad)
-    found = False
+    found = None
     for device, group in grads.items():
         # GradScaler's own check (multiplying by 1 leaves the gradients unchanged); its flag and
         # inverse scale must be float32 whatever the default dtype, as GradScaler makes them.
         flag = torch.zeros((), dtype=torch.float32, device=device)
         one = torch.ones((), dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(group, flag, one)
-        found = found or bool(flag)  # host sync: the scaled path syncs anyway in scaler.step
+        if found is None:
+            found = flag > 0
+        else:  # several devices: one flag, on the first
+            found = found | (flag.to(found.device, non_blocking=True) > 0)
     return found
 
 
 def scaled_backward(total: Tensor, scaler: torch.amp.GradScaler | None) -> None:
     """``scaler.scale(total).backward()`` that lets :meth:`Strategy.transaction` see an overflow.
 
-    With an enabled scaler, the gradients of every leaf of ``total``'s graph are checked when the
-    enclosing transaction ends; a non-finite one means ``GradScaler.step`` will skip the optimizer
-    step, so the transaction restores the strategy's state as well. Without a scaler it is
-    ``total.backward()``.
+    The step's :func:`verdict` comes first (nothing is written to ``.grad`` by a step that
+    fails). With an enabled scaler, the gradients of every leaf of ``total``'s graph are checked
+    when the enclosing transaction ends; a non-finite one means ``GradScaler.step`` will skip the
+    optimizer step, so the transaction undoes the strategy's updates as well. Without a scaler it
+    is ``total.backward()``.
     """
+    verdict()
     if scaler is None or not scaler.is_enabled():
         total.backward()
         return
@@ -716,10 +1151,9 @@ def loss_scale(scaler: torch.amp.GradScaler | None, device: torch.device) -> Ten
     """The loss scale of an enabled ``scaler`` as a tensor on ``device``, else ``None``."""
     if scaler is None or not scaler.is_enabled():
         return None
+    if scaler._scale is None:
+        scaler.scale(torch.zeros((), device=device))  # creates the scale tensor, on the device
     scale = scaler._scale  # the tensor itself: get_scale() would sync with the device
-    if scale is None:
-        scaler.scale(torch.zeros((), device="cpu"))  # creates the scale tensor
-        scale = scaler._scale
     assert scale is not None
     return scale.to(device)
 

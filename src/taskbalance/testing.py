@@ -32,6 +32,11 @@ What each check expects of a strategy:
   ``s.backward(losses)`` (gradients and state), and its weights are the gradient of its
   objective (the message names each task whose weight differs, and by how much); a strategy
   with ``needs_grads`` refuses ``s(losses)`` in training;
+* ``objective_and_gradients``: a loss-level strategy's closed form
+  (:meth:`~taskbalance.LossWeighting.objective_and_gradients`), if it has one, gives with every
+  task present and with a task absent the value of its objective and, for each learned
+  parameter, the present tasks' rows of the gradient that autograd of the objective gives (the
+  message names the parameter, each task that differs and by how much);
 * ``combine_matches_backward``: on both paths, ``total, report = s.combine(losses, ...)`` then
   ``total.backward()`` gives the gradients of ``s.backward(losses, ...)`` on every model
   parameter, the same report weights and the same state afterwards;
@@ -477,6 +482,63 @@ def check_forward_matches_backward(factory: Factory) -> None:
     assert difference is None, f"weights are not d objective / d losses ({difference})"
 
 
+def check_objective_and_gradients(factory: Factory) -> None:
+    strategy, problem = factory(TASKS), ToyProblem.create(TASKS)
+    if not isinstance(strategy, LossWeighting):
+        return
+    _train(strategy, problem, range(2), "features")  # learned parameters away from their start
+    losses, _ = problem.losses(2)
+    values = torch.stack(list(losses.values())).detach()
+    names = list(strategy._learned)
+    for present in (TASKS, ("a", "c")):
+        index = torch.tensor([TASKS.index(t) for t in present])
+        what = f"objective_and_gradients() with tasks {present!r}"
+        # Each on its own copy of the state, as in forward_matches_backward.
+        hook = copy.deepcopy(strategy)
+        with torch.no_grad(), _during(what):
+            weights = hook.loss_weights(values[index], index)
+            closed = hook.objective_and_gradients(values[index], index, weights)
+        if closed is None:
+            return  # no closed form: the engine uses autograd
+        assert isinstance(closed, tuple) and len(closed) == 2, (
+            f"{what} must return (value, {{name: rows}}), got {closed!r}"
+        )
+        value, rows = closed
+        assert isinstance(rows, Mapping) and sorted(rows) == sorted(names), (
+            f"{what} must return the gradients of the learned parameters {sorted(names)}, got "
+            f"{rows!r}"
+        )
+        probe = copy.deepcopy(strategy)
+        with torch.enable_grad(), _during(f"objective(losses, index) with tasks {present!r}"):
+            objective = probe.objective(values[index], index)
+            parameters = [getattr(probe, n) for n in names]
+            expected = (
+                torch.autograd.grad(objective, parameters, materialize_grads=True)
+                if parameters
+                else ()
+            )
+        # torch.testing.assert_close's float32 tolerances
+        difference = _describe_difference(value, objective, rtol=1.3e-6, atol=1e-5)
+        assert difference is None, f"{what}: the value is not objective's ({difference})"
+        for name, grad in zip(names, expected):
+            got, want = rows[name], grad[index]
+            assert isinstance(got, Tensor) and got.shape == want.shape, (
+                f"{what}: the gradient of {name!r} must have the present tasks' rows, shape "
+                f"{tuple(want.shape)}, got {tuple(got.shape) if isinstance(got, Tensor) else got!r}"
+            )
+            difference = _describe_difference(
+                got,
+                want,
+                rtol=1.3e-6,
+                atol=1e-5,
+                labels=[f"task {t!r}" for t in present],  # for a vector of one entry per task
+                names=("closed form", "autograd"),
+            )
+            assert difference is None, (
+                f"{what}: {name!r} is not the gradient of objective ({difference})"
+            )
+
+
 def check_combine_matches_backward(factory: Factory) -> None:
     for path in PATHS:
         strategy, problem = factory(TASKS), ToyProblem.create(TASKS)
@@ -892,6 +954,7 @@ CHECKS: dict[str, Callable[[Factory], None]] = {
     "repr": check_repr,
     "backward_paths": check_backward_paths,
     "forward_matches_backward": check_forward_matches_backward,
+    "objective_and_gradients": check_objective_and_gradients,
     "combine_matches_backward": check_combine_matches_backward,
     "evaluation": check_evaluation,
     "declared_state": check_declared_state,

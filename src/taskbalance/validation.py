@@ -15,9 +15,9 @@ from taskbalance.errors import NonFiniteLossError, StrategyError
 __all__ = [
     "TaskLosses",
     "check_finite",
-    "check_gramian_range",
     "check_graphs",
     "check_tasks",
+    "non_finite_error",
     "nonempty_list",
     "per_task_vector",
     "validate_losses",
@@ -136,7 +136,14 @@ def validate_losses(
                 f"loss of task {name!r} is on {loss.device}, task {names[0]!r} on {device}"
             )
     dtype = functools.reduce(torch.promote_types, (losses[n].dtype for n in names))
-    return names, [losses[n].reshape(()).to(dtype) for n in names]
+    # The losses themselves where they already are 0-d of that dtype: a view or a cast would
+    # add a node per task to the graph (and cost more than the rest of the checks).
+    return names, [_scalar(losses[n], dtype) for n in names]
+
+
+def _scalar(loss: Tensor, dtype: torch.dtype) -> Tensor:
+    loss = loss if loss.dim() == 0 else loss.reshape(())
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def check_graphs(names: Sequence[str], parts: Sequence[Tensor]) -> None:
@@ -177,23 +184,19 @@ def nonempty_list(given: Iterable[Tensor], argument: str) -> list[Tensor]:
 
 def check_finite(names: Sequence[str], values: Tensor) -> None:
     """Raise :class:`NonFiniteLossError` naming the first task whose loss is NaN or infinite.
-    One host sync: a NaN must fail loudly, before anything is updated."""
-    finite = torch.isfinite(values.detach())
-    if not bool(finite.all()):
-        position = finite.tolist().index(False)
-        raise NonFiniteLossError(
-            f"loss of task {names[position]!r} is not finite ({values[position].item()})",
-            task=names[position],
-        )
+    One host sync: a NaN must fail loudly, before anything is updated. (A strategy's step
+    defers this check to its one verdict instead, with :func:`non_finite_error` as the message.)
+    """
+    if not bool(torch.isfinite(values.detach()).all()):
+        raise non_finite_error(names, values)
 
 
-def check_gramian_range(rows: Tensor, names: Sequence[str]) -> None:
-    """Refuse rows whose Gramian overflows (``‖g_i‖²`` bounds every entry of ``G``)."""
-    squared = rows.square().sum(dim=1)
-    finite = torch.isfinite(squared)
-    if not bool(finite.all()):
-        bad = names[finite.tolist().index(False)]
-        raise StrategyError(
-            f"the gradient of task {bad!r} is not finite or too large: its squared norm "
-            f"overflows {rows.dtype} (scale that loss down)"
-        )
+def non_finite_error(names: Sequence[str], values: Tensor) -> NonFiniteLossError:
+    """The error for the first task of ``names`` whose loss in ``values`` is not finite (reads
+    the values back: call it only once a loss is known not to be finite)."""
+    finite = torch.isfinite(values.detach()).tolist()
+    position = finite.index(False)
+    return NonFiniteLossError(
+        f"loss of task {names[position]!r} is not finite ({values[position].item()})",
+        task=names[position],
+    )

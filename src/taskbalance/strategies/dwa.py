@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.errors import StrategyError
-from taskbalance.loss_weighting import LossWeighting
+from taskbalance.loss_weighting import LossWeighting, present_rows, write_rows
 from taskbalance.registry import register_strategy
 
 
@@ -127,7 +127,7 @@ class DWA(LossWeighting):
         self.ratio[index] = torch.where(ready, ratio, torch.ones_like(ratio))
 
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
-        weights = torch.softmax(self.ratios(index) / self.temperature, dim=0)
+        weights = torch.softmax(present_rows(self.ratio, index) / self.temperature, dim=0)
         return (losses.numel() * weights).to(losses.dtype)
 
     def extras(self, index: Tensor) -> dict[str, Tensor]:
@@ -150,10 +150,10 @@ class DWA(LossWeighting):
     def on_train_step(self, losses: Tensor, index: Tensor) -> None:
         values = losses.to(self._state_dtype)
         if self.window is None:
-            steps = self.epoch_steps[index] + 1
-            mean = self.epoch_mean[index]
-            self.epoch_mean[index] = mean + (values - mean) / steps
-            self.epoch_steps[index] = steps
+            steps = present_rows(self.epoch_steps, index) + 1
+            mean = present_rows(self.epoch_mean, index)
+            write_rows(self.epoch_mean, index, mean + (values - mean) / steps)
+            write_rows(self.epoch_steps, index, steps)
         else:
             self.recent[index] = torch.cat([self.recent[index, 1:], values[:, None]], 1)
             self.steps_seen[index] = (self.steps_seen[index] + 1).clamp(max=2 * self.window)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance.errors import StrategyError
-from taskbalance.loss_weighting import LossWeighting
+from taskbalance.loss_weighting import LossWeighting, present_rows, write_rows
 from taskbalance.registry import register_strategy
 from taskbalance.strategy import TaskParameterOptimizer
 from taskbalance.validation import per_task_vector
@@ -125,19 +125,26 @@ class FAMO(LossWeighting):
 
     # ----------------------------------------------------------------- the method
     def _gaps(self, losses: Tensor, index: Tensor) -> Tensor:
-        return losses - self.min_losses[index].to(losses.dtype) + self.eps
+        return losses - present_rows(self.min_losses, index).to(losses.dtype) + self.eps
 
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
-        scaled = torch.softmax(self.logits[index], dim=0).to(losses.dtype) / self._gaps(
-            losses, index
-        )
+        z = torch.softmax(present_rows(self.logits, index), dim=0).to(losses.dtype)
+        scaled = z / self._gaps(losses, index)
         return scaled / scaled.sum()
 
     def objective(self, losses: Tensor, index: Tensor) -> Tensor:
-        z = torch.softmax(self.logits[index], dim=0).to(losses.dtype)
+        z = torch.softmax(present_rows(self.logits, index), dim=0).to(losses.dtype)
         gaps = self._gaps(losses, index)
         normaliser = (z / gaps.detach()).sum()
         return (z * gaps.log()).sum() / normaliser
+
+    def objective_and_gradients(
+        self, losses: Tensor, index: Tensor, weights: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        # Σ_i z_i log D_i / c = Σ_i w_i D_i log D_i, as w_i = z_i / (c D_i); the logits take
+        # their own step (not the objective's gradient)
+        gaps = self._gaps(losses, index)
+        return (weights * gaps * gaps.log()).sum(), {}
 
     def extras(self, index: Tensor) -> dict[str, Tensor]:
         return {"logit": self.logits.detach()[index]}
@@ -150,53 +157,63 @@ class FAMO(LossWeighting):
         last training step; the logits of those tasks take one step.
         """
         batch = self.gather(losses_after)
-        if not bool(self.pending[batch.index].any()):
-            raise StrategyError(
-                f"update() needs a training step first: no step is waiting for tasks "
-                f"{list(batch.names)} (call strategy.backward(losses) before update)"
-            )
-        after = batch.values.detach()
-        self.check_losses(after, batch.index)
+        after, index = batch.values.detach(), batch.index
+        names = list(batch.names)
         with self.transaction():
-            self._step_logits(after, batch.index)
+            self.defer_check(
+                self.pending[index].any(),
+                lambda: StrategyError(
+                    f"update() needs a training step first: no step is waiting for tasks "
+                    f"{names} (call strategy.backward(losses) before update)"
+                ),
+            )
+            self.check_losses(after, index)
+            self._step_logits(after, index)
 
     def _step_logits(self, after: Tensor, index: Tensor) -> None:
         """One logit step for the present tasks that wait for theirs (no host sync)."""
-        waiting = self.pending[index]
-        before = self.previous_losses[index]
+        everyone = index.shape[0] == len(self.tasks)
+        waiting = present_rows(self.pending, index)
+        idle = ~waiting
+        before = present_rows(self.previous_losses, index)
         after = after.to(before.dtype)
-        # softmax over the waiting tasks only (the others get z = 0 and no step)
-        logits = self.logits[index]
-        shifted = torch.where(waiting, logits, torch.full_like(logits, -math.inf))
-        exp = torch.where(waiting, (shifted - shifted.max()).exp(), torch.zeros_like(logits))
-        z = exp / exp.sum().clamp(min=torch.finfo(exp.dtype).tiny)
-        drop = torch.where(
-            waiting,
-            self._gaps(before, index).log() - self._gaps(after, index).log(),
-            torch.zeros_like(before),
-        )
+        # softmax over the waiting tasks only: the others get the lowest logit, then z = 0 (the
+        # lowest finite value keeps a step where no task waits free of NaN)
+        logits = present_rows(self.logits, index)
+        z = torch.softmax(logits.masked_fill(idle, torch.finfo(logits.dtype).min), dim=0)
+        z.masked_fill_(idle, 0)
+        # a stored loss of a task that does not wait may be stale (a NaN log): not used
+        drop = (self._gaps(before, index) / self._gaps(after, index)).log_().masked_fill_(idle, 0)
         # ∇softmax(ξ)ᵀ·Δ = z ⊙ (Δ − zᵀΔ): the Jacobian of softmax is diag(z) − zzᵀ.
-        grad = torch.zeros_like(self.logits)
-        grad[index] = z * (drop - (z * drop).sum())
-        mask = torch.zeros_like(self.pending)
-        mask[index] = waiting
-        self.logit_optimizer.step(self.logits, grad, mask)
+        grad = z * (drop - (z * drop).sum())
+        if everyone:  # index is 0, 1, ..., T-1
+            self.logit_optimizer.step(self.logits, grad, waiting)
+            self.pending.zero_()
+            return
+        full = torch.zeros_like(self.logits).index_put_((index,), grad)
+        mask = torch.zeros_like(self.pending).index_put_((index,), waiting)
+        self.logit_optimizer.step(self.logits, full, mask)
         self.pending[index] = False
 
     def check_losses(self, losses: Tensor, index: Tensor) -> None:
-        # One host sync, the price of failing loudly instead of training on NaN.
-        bad = self.first_failing(losses > self.min_losses[index].to(losses.dtype), index)
-        if bad is not None:
+        minimum = present_rows(self.min_losses, index).to(losses.dtype)
+        above = losses > minimum
+
+        def error() -> StrategyError:
+            bad = self.first_failing(above, index)
+            assert bad is not None  # built only when the check failed
             name, position = bad
-            raise StrategyError(
+            return StrategyError(
                 f"FAMO needs losses above min_losses; loss of task {name!r} is "
-                f"{losses[position].item()}, its minimum {self.min_losses[index[position]].item()}"
+                f"{losses[position].item()}, its minimum {minimum[position].item()}"
             )
+
+        self.defer_check(above.all(), error)
 
     def before_train_step(self, losses: Tensor, index: Tensor) -> None:
         if self.update_on_next_step:  # this step's losses are the last step's ℓ_{t+1}
             self._step_logits(losses, index)
 
     def on_train_step(self, losses: Tensor, index: Tensor) -> None:
-        self.previous_losses[index] = losses.to(self.previous_losses.dtype)
-        self.pending[index] = True
+        write_rows(self.previous_losses, index, losses.to(self.previous_losses.dtype))
+        write_rows(self.pending, index, True)

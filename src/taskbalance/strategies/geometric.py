@@ -49,11 +49,15 @@ class Geometric(LossWeighting):
         return losses.log().mean().exp()
 
     def check_losses(self, losses: Tensor, index: Tensor) -> None:
-        # One host sync, the price of failing loudly instead of training on NaN.
-        bad = self.first_failing(losses > 0, index)
-        if bad is not None:
+        positive = losses > 0
+
+        def error() -> StrategyError:
+            bad = self.first_failing(positive, index)
+            assert bad is not None  # built only when the check failed
             name, position = bad
-            raise StrategyError(
+            return StrategyError(
                 f"the geometric mean needs positive losses; loss of task {name!r} is "
                 f"{losses[position].item()}"
             )
+
+        self.defer_check(positive.all(), error)

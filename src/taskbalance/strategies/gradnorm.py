@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.errors import StrategyError
-from taskbalance.loss_weighting import LossWeighting
+from taskbalance.loss_weighting import LossWeighting, present_rows, write_rows
 from taskbalance.registry import register_strategy
 from taskbalance.strategy import TaskParameterOptimizer
 
@@ -40,6 +40,15 @@ class GradNorm(LossWeighting):
 
     * ``W``: pass the last shared layer's parameters as ``shared_params`` (the paper's choice,
       and much cheaper than the whole trunk); ``features=`` uses the shared representation.
+    * Only the norms ``‖∇_W L_i‖`` are needed, not the gradients (:meth:`on_gradient_norms`).
+      For a linear layer ``y = x Wᵀ + b`` (batch ``B``, widths ``in → out``) they come from
+      ``‖D_iᵀ x‖² = ⟨(x xᵀ) D_i, D_i⟩`` with ``D_i = ∂L_i/∂y``: each task's backward stops at
+      ``y`` (its head only) and the norms cost ``B²·in`` multiply-adds once plus ``B²·out`` per
+      task, instead of a ``B·in·out`` weight gradient per task, whenever that is fewer
+      (``B < in``; see :func:`~taskbalance.loss_weighting.task_squared_norms`). On the last
+      512×512 layer of ``experiments.benchmark``'s MLP (``B = 256``, ``T = 10``): 0.37 G
+      multiply-adds instead of 0.67 G, against about 0.54 G for the plain training step.
+      Other tensors, ``features=`` and distributed steps use the per-task gradients.
     * ``L_i(0)``: the loss of task ``i`` at the first step in which it appears.
     * Optimizer of ``w``: Adam (``optimizer="sgd"`` is the other choice) with ``lr = 0.025``, the
       paper's value for its NYUv2 runs. ``alpha = 1.5`` (the paper's NYUv2 value; its toy uses
@@ -79,21 +88,25 @@ class GradNorm(LossWeighting):
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
         return self.task_weights[index]
 
-    def on_gradients(self, jacobian: Tensor, losses: Tensor, index: Tensor) -> None:
+    def on_gradient_norms(self, squared_norms: Tensor, losses: Tensor, index: Tensor) -> None:
         # One step of w on L_grad, from the weights this step trains with (computed before).
         dtype = self.task_weights.dtype
-        norms = jacobian.norm(dim=1).to(dtype)
+        norms = squared_norms.to(dtype).sqrt()
         current = self.task_weights[index]
         losses = losses.to(dtype)
-        initial = torch.where(self.seen[index], self.initial_losses[index], losses)
+        seen, before = present_rows(self.seen, index), present_rows(self.initial_losses, index)
+        initial = torch.where(seen, before, losses)
         ratios = losses / initial
         rates = ratios / ratios.mean()
         weighted_norms = current * norms
         target = weighted_norms.mean() * rates**self.alpha
-        grad = torch.zeros_like(self.task_weights)
-        grad[index] = torch.sign(weighted_norms - target) * norms
-        self.initial_losses[index] = initial
-        self.seen[index] = True
-        self.weight_optimizer.step(self.task_weights, grad, self.task_mask(index))
-        updated = self.task_weights[index].clamp(min=_MIN_WEIGHT)
-        self.task_weights[index] = updated * (current.sum() / updated.sum())
+        grad = torch.sign(weighted_norms - target) * norms
+        write_rows(self.initial_losses, index, initial)
+        write_rows(self.seen, index, True)
+        if losses.numel() == len(self.tasks):  # every task: index is 0, 1, ..., T-1
+            self.weight_optimizer.step(self.task_weights, grad)
+        else:
+            full = torch.zeros_like(self.task_weights).index_put_((index,), grad)
+            self.weight_optimizer.step(self.task_weights, full, self.task_mask(index))
+        updated = present_rows(self.task_weights, index).clamp(min=_MIN_WEIGHT)
+        write_rows(self.task_weights, index, updated * (current.sum() / updated.sum()))

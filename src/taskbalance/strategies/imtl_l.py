@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.errors import StrategyError
-from taskbalance.loss_weighting import LossWeighting
+from taskbalance.loss_weighting import LossWeighting, present_rows
 from taskbalance.registry import register_strategy
 
 _PAPER = (
@@ -67,11 +67,19 @@ class ImtlL(LossWeighting):
         )
 
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
-        return torch.exp(self.scale[index])
+        return torch.exp(present_rows(self.scale, index))
 
     def objective(self, losses: Tensor, index: Tensor) -> Tensor:
-        scale = self.scale[index]
+        scale = present_rows(self.scale, index)
         return (torch.exp(scale) * losses - scale).sum()
+
+    def objective_and_gradients(
+        self, losses: Tensor, index: Tensor, weights: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        weighted = weights * losses
+        value = (weighted - present_rows(self.scale, index)).sum()
+        # ∂/∂s_i of e^(s_i)·L_i − s_i is w_i·L_i − 1
+        return value, {"scale": weighted - 1.0}
 
     def extras(self, index: Tensor) -> dict[str, Tensor]:
         return {"scale": self.scale.detach()[index]}

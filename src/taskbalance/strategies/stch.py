@@ -6,10 +6,10 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from taskbalance.errors import StrategyError
-from taskbalance.loss_weighting import LossWeighting
+from taskbalance.loss_weighting import LossWeighting, present_rows, write_rows
 from taskbalance.registry import register_strategy
 from taskbalance.validation import per_task_vector
 
@@ -55,6 +55,13 @@ class STCH(LossWeighting):
     smooth maximum over the present tasks that have one. ``log_losses`` needs positive losses
     (a zero or negative loss raises :class:`StrategyError` naming the task; the code adds
     1e-20 instead).
+
+    **Phases on the host.** Which tasks have a reference and how many epochs are done change
+    only in :meth:`end_epoch` and ``load_state_dict``, so the strategy keeps a copy of them on
+    the host (read back there: once per epoch while a reference is being fixed, and at a load).
+    A step of the warm-up is then ``Σ f_i`` alone and a step where every task has its reference
+    the smooth maximum alone, with no work for the other phase and without a host sync. Change
+    ``ideal_ready`` or ``epochs_done`` through these two only.
 
         >>> import math, torch, taskbalance as tb
         >>> s = tb.create_strategy("stch", tasks=["a", "b"], ideal=0.0, log_losses=False)
@@ -113,68 +120,98 @@ class STCH(LossWeighting):
         self.add_state("epochs_done", torch.zeros((), dtype=torch.long), per_task=False)
         self.add_state("epoch_mean", torch.zeros(count))
         self.add_state("epoch_steps", torch.zeros(count, dtype=torch.long))
+        self._epochs = 0  # the host's copies of epochs_done and of any/all of ideal_ready
+        self._any_ready = self._all_ready = self.fixed_ideal
+        self.register_load_state_dict_post_hook(_read_phase)
 
     # ----------------------------------------------------------------- the method
     def _objectives(self, losses: Tensor) -> Tensor:
         return losses.log() if self.log_losses else losses
 
-    def _scaled_gaps(self, losses: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        """``λ (f − z*)/μ`` for the tasks with a reference (a huge negative for the others)."""
-        ready = self.ideal_ready[index]
-        gaps = self.preference[index].to(losses.dtype) * (
-            self._objectives(losses) - self.ideal_point[index].to(losses.dtype)
-        )
-        # The dtype's lowest finite value stands for −∞: masked out without NaN gradients.
-        negligible = torch.full_like(gaps, torch.finfo(gaps.dtype).min)
-        scaled = torch.where(ready, gaps / self.mu, negligible)
-        return scaled, ready
+    def _scaled_gaps(self, values: Tensor, index: Tensor, ready: Tensor | None) -> Tensor:
+        """``λ (f − z*)/μ``; with ``ready`` (some tasks have no reference yet), the dtype's
+        lowest finite value for the others (a −∞ without NaN gradients)."""
+        ideal = present_rows(self.ideal_point, index).to(values.dtype)
+        gaps = present_rows(self.preference, index).to(values.dtype) * (values - ideal)
+        scaled = gaps / self.mu if self.mu != 1 else gaps
+        return scaled if ready is None else scaled.masked_fill(~ready, torch.finfo(gaps.dtype).min)
 
     def objective(self, losses: Tensor, index: Tensor) -> Tensor:
-        scaled, ready = self._scaled_gaps(losses, index)
+        values = self._objectives(losses)
+        if not self._any_ready:  # the warm-up
+            return values.sum()
+        if self._all_ready:
+            scaled = self._scaled_gaps(values, index, None)
+            return index.shape[0] * self.mu * torch.logsumexp(scaled, dim=0)
+        ready = present_rows(self.ideal_ready, index)
+        scaled = self._scaled_gaps(values, index, ready)
+        # Without a present ready task the count is 0 and so is the smooth maximum (finite).
         smooth_max = ready.sum() * self.mu * torch.logsumexp(scaled, dim=0)
-        warmup = torch.where(ready, torch.zeros_like(losses), self._objectives(losses)).sum()
-        return warmup + torch.where(ready.any(), smooth_max, torch.zeros_like(smooth_max))
+        return values.masked_fill(ready, 0).sum() + smooth_max
 
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
-        scaled, ready = self._scaled_gaps(losses, index)
-        soft = ready.sum() * self.preference[index].to(losses.dtype) * torch.softmax(scaled, 0)
-        weights = torch.where(ready, soft, torch.ones_like(losses))
+        if not self._any_ready:  # the warm-up: the gradient of Σ f_i
+            return losses.reciprocal() if self.log_losses else torch.ones_like(losses)
+        values = self._objectives(losses)
+        preference = present_rows(self.preference, index).to(losses.dtype)
+        if self._all_ready:
+            scaled = self._scaled_gaps(values, index, None)
+            weights = index.shape[0] * preference * torch.softmax(scaled, 0)
+        else:
+            ready = present_rows(self.ideal_ready, index)
+            scaled = self._scaled_gaps(values, index, ready)
+            weights = ready.sum() * preference * torch.softmax(scaled, 0)
+            weights = weights.masked_fill_(~ready, 1)
         return weights / losses if self.log_losses else weights
 
     @torch.no_grad()
     def end_epoch(self) -> None:
         """Close a training epoch; after the warm-up this fixes the reference point."""
-        if not self.fixed_ideal:
-            averaging = self.epochs_done >= self.warmup_epochs
-            fix = averaging & ~self.ideal_ready & (self.epoch_steps > 0)
+        if not self.fixed_ideal and self._epochs >= self.warmup_epochs and not self._all_ready:
+            fix = ~self.ideal_ready & (self.epoch_steps > 0)  # an averaging epoch's tasks
             self.ideal_point.copy_(
                 torch.where(fix, self._objectives(self.epoch_mean), self.ideal_point)
             )
             self.ideal_ready |= fix
+            ready = self.ideal_ready.tolist()  # once per averaging epoch: the next phase
+            self._any_ready, self._all_ready = any(ready), all(ready)
         self.epoch_mean.zero_()
         self.epoch_steps.zero_()
         self.epochs_done += 1
+        self._epochs += 1
 
     # ----------------------------------------------------------------- bookkeeping
     def check_losses(self, losses: Tensor, index: Tensor) -> None:
         if not self.log_losses:
             return
-        # One host sync, the price of failing loudly instead of training on NaN.
-        bad = self.first_failing(losses > 0, index)
-        if bad is not None:
+        positive = losses > 0
+
+        def error() -> StrategyError:
+            bad = self.first_failing(positive, index)
+            assert bad is not None  # built only when the check failed
             name, position = bad
-            raise StrategyError(
+            return StrategyError(
                 f"STCH with log_losses=True needs positive losses; loss of task {name!r} is "
                 f"{losses[position].item()}"
             )
 
+        self.defer_check(positive.all(), error)
+
     def on_train_step(self, losses: Tensor, index: Tensor) -> None:
-        if self.fixed_ideal:
-            return
+        if self.fixed_ideal or self._all_ready or self._epochs < self.warmup_epochs:
+            return  # no task averages its loss in this epoch
         values = losses.to(self.epoch_mean.dtype)
-        averaging = (self.epochs_done >= self.warmup_epochs) & ~self.ideal_ready[index]
-        steps = self.epoch_steps[index] + averaging.long()
-        mean = self.epoch_mean[index]
-        update = mean + (values - mean) / steps.clamp(min=1)
-        self.epoch_mean[index] = torch.where(averaging, update, mean)
-        self.epoch_steps[index] = steps
+        averaging = ~present_rows(self.ideal_ready, index)
+        steps = present_rows(self.epoch_steps, index) + averaging
+        mean = present_rows(self.epoch_mean, index)
+        # the running mean moves only for the averaging tasks (a weight of 0 for the others)
+        write_rows(self.epoch_mean, index, mean.lerp(values, averaging / steps.clamp(min=1)))
+        write_rows(self.epoch_steps, index, steps)
+
+
+def _read_phase(strategy: nn.Module, incompatible_keys: object) -> None:
+    """After ``load_state_dict``: the host's copy of the loaded phase (one read)."""
+    assert isinstance(strategy, STCH)
+    strategy._epochs = int(strategy.epochs_done)
+    ready = strategy.ideal_ready.tolist()
+    strategy._any_ready, strategy._all_ready = any(ready), all(ready)

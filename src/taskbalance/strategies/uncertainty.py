@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance.errors import StrategyError
-from taskbalance.loss_weighting import LossWeighting
+from taskbalance.loss_weighting import LossWeighting, present_rows
 from taskbalance.registry import register_strategy
 
 _FACTORS = {"regression": 0.5, "classification": 1.0}
@@ -83,10 +83,20 @@ class Uncertainty(LossWeighting):
         )
 
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
-        return self.factors[index] * torch.exp(-self.log_var[index])
+        factors, log_var = present_rows(self.factors, index), present_rows(self.log_var, index)
+        return factors * torch.exp(-log_var)
 
     def objective(self, losses: Tensor, index: Tensor) -> Tensor:
-        return (self.loss_weights(losses, index) * losses + 0.5 * self.log_var[index]).sum()
+        log_var = present_rows(self.log_var, index)
+        return (self.loss_weights(losses, index) * losses + 0.5 * log_var).sum()
+
+    def objective_and_gradients(
+        self, losses: Tensor, index: Tensor, weights: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        weighted = weights * losses
+        value = torch.add(weighted, present_rows(self.log_var, index), alpha=0.5).sum()
+        # ∂/∂s_i of f_i·e^(−s_i)·L_i + ½·s_i is −w_i·L_i + ½
+        return value, {"log_var": 0.5 - weighted}
 
     def extras(self, index: Tensor) -> dict[str, Tensor]:
         return {"log_var": self.log_var.detach()[index]}
