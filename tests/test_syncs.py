@@ -342,11 +342,6 @@ def test_a_nan_loss_without_check_finite_is_skipped(name: str, path: str) -> Non
         assert got.to_dict()["skipped"] == 0.0
 
 
-@pytest.mark.xfail(
-    reason="loss_weighting.py: LossWeighting._step's StepReport needs "
-    "scalars=self._step_scalars(detached)",
-    strict=False,
-)
 @pytest.mark.parametrize("name", ["uncertainty", "equal"])
 def test_the_loss_level_report_says_skipped(name: str) -> None:
     strategy, problem = _make(name), ToyProblem.create(TASKS)

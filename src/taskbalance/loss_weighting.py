@@ -203,7 +203,9 @@ class LossWeighting(Strategy):
                 verdict()  # on_train_step runs in steps that pass (backward took it already)
                 with torch.no_grad():
                     self.on_train_step(detached, index)
-        report = StepReport(batch.names, detached, weights, self.extras(index))
+        report = StepReport(
+            batch.names, detached, weights, self.extras(index), self._step_scalars(detached)
+        )
         if train:
             self._remember_step(losses, (value, weights, report))
         return total, report

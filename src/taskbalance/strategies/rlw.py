@@ -118,12 +118,11 @@ class RLW(LossWeighting):
 
     def loss_weights(self, losses: Tensor, index: Tensor) -> Tensor:
         # The next draw, without using it up: on_train_step does, once the step succeeded.
-        weights = self.draw(self._sample(losses.numel()), advance=False)
-        return weights.to(device=losses.device, dtype=losses.dtype)
+        weights = self.draw(self._sample(losses.numel()), advance=False, device=losses.device)
+        return weights.to(losses.dtype)
 
     def eval_weights(self, losses: Tensor, index: Tensor) -> Tensor:
-        mean = torch.full((losses.numel(),), self.total / losses.numel())
-        return mean.to(device=losses.device, dtype=losses.dtype)
+        return torch.full_like(losses, self.total / losses.numel())
 
     def on_train_step(self, losses: Tensor, index: Tensor) -> None:
         self.draw(self._sample(losses.numel()))
