@@ -1,23 +1,49 @@
 """Step-time and peak-memory overhead of every registered strategy over a plain backward.
 
-``python -m experiments.benchmark [--quick] [--json FILE] [--markdown FILE] [--plot FILE]``
+``python -m experiments.benchmark [--quick] [--models ...] [--device cuda] [--sync-check]
+[--out DIR] [--json FILE] [--markdown FILE] [--plot FILE]``
 
-For each model (a 3×512 MLP, batch 256, and a small CNN), each number of tasks ``T`` and each
-registered strategy, one step is: zero the gradients, forward, the strategy's backward. The
-reference is the plain step ``sum(losses).backward()`` on the same model and batch. Steps are
-interleaved in one process (baseline, strategy paths, TorchJD, baseline, ...; the order is
-reversed every other round), and the reported time is the median after warm-up. Ratios are what
-count: on a shared machine the absolute times move with the load, the ratios much less.
+For each model, each number of tasks ``T`` and each registered strategy, one step is: zero the
+gradients, forward, the strategy's backward. The reference is the plain step
+``sum(losses).backward()`` on the same model and batch. Steps are interleaved in one process
+(baseline, strategy paths, references, baseline, ...; the order is reversed every other round),
+and the reported time is the median after warm-up. Ratios are what count: on a shared machine
+the absolute times move with the load, the ratios much less.
+
+Models:
+
+* ``mlp``: a 3×512 MLP, batch 256, one linear head per task;
+* ``cnn``: a small CNN, batch 64, 32×32 RGB, one linear classifier per task;
+* ``segnet`` / ``segnet_mtan``: the NYUv2 networks of :mod:`experiments.benchmarks.networks`
+  (the split SegNet and SegNet-MTAN of the MTAN / CAGrad / Nash-MTL code) with NYUv2's three
+  tasks (13-class segmentation, depth, normals; the losses of :mod:`experiments.benchmarks.dense`)
+  on random inputs and targets, batch 2 (the Nash-MTL trainer's), always ``T = 3``. On CUDA the
+  real input (3×288×384, ``width`` 1); on CPU by default a third of each side (3×96×128) and a
+  quarter of every channel count (``width`` 0.25): about 6 minutes of one CPU thread for
+  ``segnet``, 17 for ``segnet_mtan`` (``--segnet-size``, ``--segnet-width``). Per-parameter work
+  (Jacobian rows, Gramian) scales with the parameters, a convolution with its parameters ×
+  pixels, so at 1/9 of the pixels the CPU table over-states per-parameter costs relative to
+  the real network (narrower channels leave that ratio as it is).
 
 Paths:
 
 * ``loss``: loss-level strategies, ``s.backward(losses)``;
-* ``shared_params``: per-task gradients w.r.t. every trunk parameter;
-* ``shared_params_direct``: the same Jacobian and weights, finished by
+* ``shared_params``: per-task gradients w.r.t. every trunk parameter (on SegNet-MTAN the trunk
+  is the backbone and the attention branches' shared units, the MTAN code's shared modules);
+* ``shared_params_direct`` (MLP and CNN): the same Jacobian and weights, finished by
   :func:`taskbalance.jacobian.backward_with_direction` (the shared parameters get ``w @ J``; only
   the heads are backpropagated again), the finish proposed for ``GradientAggregation.backward``;
-* ``features``: per-task gradients w.r.t. the trunk's output (MGDA-UB style);
-* ``last_layer``: GradNorm's ``W``, the last shared layer.
+* ``features``: per-task gradients w.r.t. the trunk's output (MGDA-UB style). On SegNet-MTAN
+  it is the last shared decoder map: the attention branches also read the earlier shared maps,
+  so the weights come from the gradient through that map only (an approximation, see
+  :class:`~experiments.benchmarks.networks.SegNetMTAN`);
+* ``last_layer``: GradNorm's ``W``, the last shared layer (SegNet: the last shared decoder unit).
+
+References on the SegNet models, measured in the same rounds: ``equal`` (equal weighting, a
+loss-level step: the table a user reads before choosing a method gives every step as a multiple
+of it) and, for every gradient method, ``repo_style``: the step of the Nash-MTL repository's
+trainer (its ``WeightMethod``), written here from its description with our method for the
+weights (:func:`repo_style_step`).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step minus the memory held
 before it. On CPU, PyTorch has no allocator statistics; the growth of the process's peak resident
@@ -26,9 +52,20 @@ is reported instead. It counts every page the step touched, so small differences
 megabyte) are noise. Elsewhere memory is reported as n/a.
 
 When ``torchjd`` is importable (the ``bench`` extra), strategies that TorchJD also implements
-run through ``torchjd.autojac.mtl_backward`` + ``jac_to_grad`` on the same model in the same
-rounds, both with TorchJD's default (vmap over the tasks) and with ``parallel_chunk_size=1``
-(one backward per task).
+run through ``torchjd.autojac.mtl_backward`` + ``jac_to_grad`` on the MLP and the CNN in the
+same rounds, both with TorchJD's default (vmap over the tasks) and with
+``parallel_chunk_size=1`` (one backward per task). Not on SegNet-MTAN, whose heads read more
+shared maps than ``features``, which ``mtl_backward`` assumes.
+
+``--sync-check``: every registered strategy on every path and model, with
+``check_finite = False``, one warm-up step, then steps under
+``torch.cuda.set_sync_debug_mode("error")``: ok, or the first call that synchronised with the
+host (:func:`sync_check`); and with the default ``check_finite = True`` the number of
+synchronising calls per step (``"warn"`` mode), which should be at most one. ``--no-timings``
+runs the check alone. On the CPU it is skipped, and says so.
+
+On CUDA, without ``--out``, everything is written to ``docs/benchmark/gpu/`` (``benchmark.md``,
+``benchmark.json``); ``python -m experiments.gpu_check`` runs the whole GPU check in one command.
 """
 
 from __future__ import annotations
@@ -45,10 +82,12 @@ import re
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +95,7 @@ from torch import Tensor, nn
 import taskbalance as tb
 from experiments.runner import markdown_table, parse_config
 from taskbalance.gradient_aggregation import GradientAggregation
-from taskbalance.jacobian import backward_with_direction, gramian_backward, jacobian
+from taskbalance.jacobian import backward_with_direction, gramian, gramian_backward, jacobian
 from taskbalance.loss_weighting import LossWeighting
 from taskbalance.registry import strategy_info
 from taskbalance.strategy import Strategy
@@ -80,13 +119,25 @@ TORCHJD_AGGREGATORS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+MODELS = ("mlp", "cnn", "segnet", "segnet_mtan")
+DENSE_MODELS = ("segnet", "segnet_mtan")
+GPU_OUT = "docs/benchmark/gpu"
+
+
 @dataclass
 class BenchConfig:
     """Step-time and peak-memory overhead of every strategy over a plain backward."""
 
     quick: bool = field(default=False, metadata={"help": "tiny models, T=2,3, few repeats"})
-    tasks: list[int] = field(default_factory=lambda: [2, 10, 40])
-    models: list[str] = field(default_factory=lambda: ["mlp", "cnn"])
+    tasks: list[int] = field(
+        default_factory=lambda: [2, 10, 40], metadata={"help": "MLP and CNN (SegNet: 3)"}
+    )
+    models: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": f"of {', '.join(MODELS)}; default mlp cnn, on CUDA mlp segnet segnet_mtan"
+        },
+    )
     strategies: list[str] = field(default_factory=lambda: ["*"], metadata={"help": "patterns"})
     repeats: int = 7
     warmup: int = 2
@@ -95,27 +146,61 @@ class BenchConfig:
     clock: str = field(default="auto", metadata={"help": "auto, cpu (thread CPU time) or wall"})
     threads: int = 1
     device: str = "cpu"
+    segnet_size: list[int] = field(
+        default_factory=list,
+        metadata={"help": "SegNet input H W; default 288 384 on CUDA (NYUv2's), 96 128 on CPU"},
+    )
+    segnet_width: float = field(
+        default=0.0, metadata={"help": "SegNet channel scale; default 1 on CUDA, 0.25 on CPU"}
+    )
+    segnet_batch: int = 2
+    sync_check: bool = field(
+        default=False,
+        metadata={"help": "CUDA: host syncs of every strategy and path"},
+    )
+    sync_steps: int = field(default=2, metadata={"help": "checked steps after the warm-up"})
+    timings: bool = field(default=True, metadata={"help": "false: the sync check alone"})
     torchjd: bool = True
     jacobian_table: bool = True
     toy: bool = True
     seed: int = 0
+    out: str | None = field(
+        default=None,
+        metadata={"help": f"folder for benchmark.json and .md; default on CUDA: {GPU_OUT}"},
+    )
     json: str | None = None
     markdown: str | None = None
     plot: str | None = None
 
     def __post_init__(self) -> None:
+        cuda = self.device.startswith("cuda")
+        if not self.models:
+            self.models = ["mlp", "segnet", "segnet_mtan"] if cuda else ["mlp", "cnn"]
+        if self.out is None and cuda:
+            self.out = GPU_OUT
         if self.quick:
             self.tasks = [t for t in self.tasks if t <= 3] or [2, 3]
             self.repeats = min(self.repeats, 2)
             self.warmup = min(self.warmup, 1)
             self.min_seconds = 0.0
         for model in self.models:
-            if model not in ("mlp", "cnn"):
-                raise ValueError(f"models must be 'mlp' or 'cnn', got {model!r}")
+            if model not in MODELS:
+                raise ValueError(f"models must be among {', '.join(MODELS)}, got {model!r}")
+        if not self.segnet_size:
+            self.segnet_size = [32, 32] if self.quick else [288, 384] if cuda else [96, 128]
+        if len(self.segnet_size) != 2 or any(n < 32 or n % 32 for n in self.segnet_size):
+            raise ValueError(
+                f"segnet_size must be H W, multiples of 32 (SegNet pools 5 times), "
+                f"got {self.segnet_size}"
+            )
+        if self.segnet_width == 0:
+            self.segnet_width = 1 / 16 if self.quick else 1.0 if cuda else 0.25
+        if self.segnet_width < 0 or self.segnet_batch < 1:
+            raise ValueError("segnet_width must be positive and segnet_batch >= 1")
         if self.clock not in ("auto", "cpu", "wall"):
             raise ValueError(f"clock must be 'auto', 'cpu' or 'wall', got {self.clock!r}")
-        if self.repeats < 1 or self.warmup < 0:
-            raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if self.repeats < 1 or self.warmup < 0 or self.sync_steps < 1:
+            raise ValueError("repeats and sync_steps must be >= 1 and warmup >= 0")
         if any(t < 1 for t in self.tasks):
             raise ValueError("tasks must be >= 1")
 
@@ -127,9 +212,9 @@ class Problem:
 
     name: str
     trunk: nn.Module
-    heads: nn.ModuleList
+    heads: nn.ModuleList  # one head per task, in task order
     inputs: Tensor
-    targets: Tensor
+    targets: Any
     classify: bool
     last_layer: list[nn.Parameter]
     tasks: list[str]
@@ -137,6 +222,10 @@ class Problem:
     @property
     def shared(self) -> list[nn.Parameter]:
         return list(self.trunk.parameters())
+
+    @property
+    def dense(self) -> bool:
+        return False
 
     def zero_grad(self) -> None:
         self.trunk.zero_grad(set_to_none=True)
@@ -152,6 +241,24 @@ class Problem:
             else:
                 losses[task] = nn.functional.mse_loss(out.squeeze(1), self.targets[:, i])
         return features, losses
+
+
+@dataclass
+class DenseProblem(Problem):
+    """NYUv2 on SegNet or SegNet-MTAN: ``network(inputs)`` gives the features and the dense
+    outputs, scored by the NYUv2 benchmark's losses against ``targets`` (``{task: tensor}``)."""
+
+    network: nn.Module
+
+    @property
+    def dense(self) -> bool:
+        return True
+
+    def forward(self) -> tuple[Tensor, dict[str, Tensor]]:
+        from experiments.benchmarks.nyuv2 import LOSSES
+
+        features, outputs = self.network(self.inputs)
+        return features, {t: LOSSES[t](outputs[t], self.targets[t]) for t in self.tasks}
 
 
 def make_problem(model: str, tasks: int, *, quick: bool, device: str, seed: int) -> Problem:
@@ -199,6 +306,59 @@ def make_problem(model: str, tasks: int, *, quick: bool, device: str, seed: int)
         classify,
         last,  # type: ignore[arg-type]
         names,
+    )
+
+
+def problem_for(config: BenchConfig, model: str, tasks: int) -> Problem:
+    """The problem ``config`` asks for: a SegNet model at the configured size, or
+    :func:`make_problem`'s."""
+    if model in DENSE_MODELS:
+        return make_dense_problem(
+            model,
+            size=config.segnet_size,
+            width=config.segnet_width,
+            batch=config.segnet_batch,
+            device=config.device,
+            seed=config.seed,
+        )
+    return make_problem(model, tasks, quick=config.quick, device=config.device, seed=config.seed)
+
+
+def make_dense_problem(
+    model: str, *, size: Sequence[int], width: float, batch: int, device: str, seed: int
+) -> DenseProblem:
+    """SegNet (``"segnet"``) or SegNet-MTAN (``"segnet_mtan"``) with NYUv2's tasks and classes,
+    in training mode, on a random batch: images ``[batch, 3, H, W]``, labels in ``[-1, 13)``
+    (−1 unlabelled), depth in ``(0, 1)``, unit normals."""
+    from experiments.benchmarks.networks import SegNet, SegNetEncoderDecoder, SegNetMTAN
+    from experiments.benchmarks.nyuv2 import NYUv2
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    tasks = list(NYUv2.tasks)
+    network_class = SegNet if model == "segnet" else SegNetMTAN
+    network = network_class({t: t for t in tasks}, classes=NYUv2.classes, width=width).to(device)
+    height, side = size
+    pixels = (batch, height, side)
+    targets = {
+        "segmentation": torch.randint(-1, NYUv2.classes, pixels, generator=generator),
+        "depth": torch.rand(batch, 1, height, side, generator=generator),
+        "normal": nn.functional.normalize(torch.randn(batch, 3, *size, generator=generator), dim=1),
+    }
+    trunk = network.trunk
+    decoder = cast(
+        SegNetEncoderDecoder, trunk.backbone if isinstance(network, SegNetMTAN) else trunk
+    )
+    return DenseProblem(
+        model,
+        trunk,
+        nn.ModuleList(network.heads[t] for t in tasks),
+        torch.randn(batch, 3, height, side, generator=generator).to(device),
+        {t: target.to(device) for t, target in targets.items()},
+        False,
+        list(list(decoder.decoder_body[-1].children())[-1].parameters()),  # last shared unit
+        tasks,
+        network,
     )
 
 
@@ -318,20 +478,65 @@ def peak_memory(step: Callable[[], None], device: str, *, collect: bool = True) 
         return None
 
 
-def host_syncs(step: Callable[[], None], device: str) -> str | None:
-    """On CUDA: "none" if one step runs under ``torch.cuda.set_sync_debug_mode("error")``,
-    otherwise the first synchronising call. None (not checked) on other devices."""
-    if not device.startswith("cuda"):
-        return None
+# ----------------------------------------------------------------------------- host syncs
+# A detector runs one step and returns where it synchronised with the host (call sites, in
+# order; empty: none). The CUDA ones use torch.cuda.set_sync_debug_mode; a test can pass any.
+SyncDetector = Callable[[Callable[[], None]], list[str]]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def call_site(frames: Sequence[traceback.FrameSummary]) -> str:
+    """The deepest of ``frames`` in this repository (the library or the experiments), else the
+    deepest: ``path:line in function: code``."""
+    inside = [f for f in frames if f.filename.startswith(str(ROOT))]
+    frame = (inside or list(frames))[-1]
+    path = Path(frame.filename)
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return f"{shown}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+
+
+def _is_sync_message(message: object) -> bool:
+    return "synchroniz" in str(message)
+
+
+def cuda_first_sync(step: Callable[[], None]) -> list[str]:
+    """The step under ``set_sync_debug_mode("error")``: ``[]``, or the call site of the first
+    synchronising call (the step stops there)."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
     except RuntimeError as error:
-        return str(error).splitlines()[0][:120]
+        if not _is_sync_message(error):
+            raise
+        return [call_site(traceback.extract_tb(error.__traceback__))]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return "none"
+    return []
+
+
+def cuda_syncs(step: Callable[[], None]) -> list[str]:
+    """The step under ``set_sync_debug_mode("warn")``: the call site of every synchronising
+    call (each one a warning, caught here with the stack that raised it)."""
+    sites: list[str] = []
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def record(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if _is_sync_message(message):
+                sites.append(call_site(traceback.extract_stack()[:-1]))
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
 
 
 # ----------------------------------------------------------------------------- steps
@@ -384,6 +589,48 @@ def _direct_backward(
             backward_with_direction(batch.values.sum(), shared, direction)
 
 
+def repo_style_step(strategy: GradientAggregation, problem: Problem) -> Callable[[], None]:
+    """The training step of the Nash-MTL repository's trainer (github.com/AvivNavon/nash-mtl,
+    ``methods/weight_methods.py``), written from its description with ``strategy``'s method.
+
+    One ``torch.autograd.grad(loss_i, shared_params, retain_graph=True)`` per task, flattened
+    and stacked into the Jacobian; the weights from the method on it (its Gramian); then
+    ``sum(w_i * L_i).backward()``, which traverses the trunk once more; with ``max_norm``,
+    ``clip_grad_norm_`` of the shared parameters (that code's Nash-MTL). A method with its own
+    direction (:meth:`~GradientAggregation.aggregate_rows`) writes it into the shared
+    parameters' gradients and backpropagates ``sum(L_i)`` into the heads only, as that code's
+    PCGrad does. The strategy's hooks run inside its transaction, as in ``backward``."""
+    heads = list(problem.heads.parameters())
+
+    def step() -> None:
+        problem.zero_grad()
+        _, losses = problem.forward()
+        shared = problem.shared
+        batch = strategy.gather(losses)
+        detached = batch.values.detach()
+        with strategy.transaction():
+            # the losses the method trains on (DB-MTL's logarithms), each its own root
+            parts = [strategy.transform_losses(losses[t].reshape(1)) for t in batch.names]
+            rows = []
+            for part in parts:
+                grads = torch.autograd.grad(part, shared, retain_graph=True)
+                rows.append(torch.cat([g.reshape(-1) for g in grads]))
+            matrix, values = torch.stack(rows), torch.cat(parts)
+            if strategy.combines_gradients():
+                weights = strategy.gramian_weights(gramian(matrix), values.detach(), batch.index)
+                (weights.detach() * values).sum().backward()
+            else:
+                direction = strategy.aggregate_rows(matrix, values.detach(), batch.index)
+                for parameter, piece in zip(shared, direction.split([p.numel() for p in shared])):
+                    parameter.grad = piece.view_as(parameter).clone()
+                values.sum().backward(inputs=heads)
+            strategy.on_train_step(detached, batch.index)
+        if strategy.max_norm > 0:
+            nn.utils.clip_grad_norm_(shared, strategy.max_norm)
+
+    return step
+
+
 def _torchjd_aggregator(name: str, strategy: Strategy, tasks: int) -> Any | None:
     """TorchJD's aggregator for ``name`` with our strategy's hyperparameters, or None (not
     installed, no equivalent, or missing optional dependencies such as cvxpy)."""
@@ -429,9 +676,12 @@ def _shared_grad(problem: Problem) -> Tensor:
     return torch.cat([p.grad.reshape(-1) for p in problem.shared if p.grad is not None])
 
 
-def _paths(strategy: Strategy) -> list[str]:
+def _paths(strategy: Strategy, dense: bool = False) -> list[str]:
+    """The paths a strategy is measured on (``dense``: the SegNet models, whose gradient methods
+    take ``shared_params`` and ``features`` only)."""
     if isinstance(strategy, GradientAggregation):
-        return ["shared_params", "shared_params_direct", "features"]
+        direct = [] if dense else ["shared_params_direct"]
+        return ["shared_params", *direct, "features"]
     if isinstance(strategy, LossWeighting) and strategy.needs_grads:
         return ["last_layer", "features", "shared_params"]
     return ["loss"]
@@ -454,20 +704,30 @@ def _threads(count: int) -> Iterator[None]:
 def bench_strategy(
     name: str, problem: Problem, config: BenchConfig, use_torchjd: bool
 ) -> list[dict[str, Any]]:
-    """Rows (one per path) for one strategy on one problem."""
+    """Rows (one per path, and ``repo_style`` for gradient methods on the SegNet models) for one
+    strategy on one problem."""
     tasks = len(problem.tasks)
     base = {"model": problem.name, "T": tasks, "strategy": name}
+
+    def create(strategy_name: str = name) -> Strategy:
+        return tb.create_strategy(strategy_name, tasks=problem.tasks).to(config.device)
+
     try:
-        strategy = tb.create_strategy(name, tasks=problem.tasks).to(config.device)
+        strategy = create()
     except Exception as error:
         return [{**base, "path": "-", "error": f"create: {type(error).__name__}: {error}"}]
-    paths = _paths(strategy)
+    paths = _paths(strategy, problem.dense)
     steps: dict[str, Callable[[], None]] = {"baseline": _baseline(problem)}
     for path in paths:
         # One instance per path: state such as running gradient averages has the path's size.
-        instance = tb.create_strategy(name, tasks=problem.tasks).to(config.device)
-        steps[path] = _strategy_step(instance, problem, path)
-    aggregator = _torchjd_aggregator(name, strategy, tasks) if use_torchjd else None
+        steps[path] = _strategy_step(create(), problem, path)
+    if problem.dense:
+        steps["equal"] = _strategy_step(create("equal"), problem, "loss")
+        if isinstance(strategy, GradientAggregation):
+            steps["repo_style"] = repo_style_step(create(), problem)  # type: ignore[arg-type]
+    aggregator = None
+    if use_torchjd and not problem.dense:
+        aggregator = _torchjd_aggregator(name, strategy, tasks)
     if aggregator is not None:
         steps["torchjd"] = _torchjd_step(aggregator, problem, None)
         steps["torchjd_loop"] = _torchjd_step(aggregator, problem, 1)
@@ -475,9 +735,8 @@ def bench_strategy(
     try:
         if aggregator is not None:
             # Same model state, fresh strategy: do both give the same shared gradient?
-            fresh = tb.create_strategy(name, tasks=problem.tasks).to(config.device)
             torch.manual_seed(config.seed)
-            _strategy_step(fresh, problem, "shared_params")()
+            _strategy_step(create(), problem, "shared_params")()
             ours = _shared_grad(problem)
             torch.manual_seed(config.seed)
             steps["torchjd"]()
@@ -493,7 +752,6 @@ def bench_strategy(
             clock=clock_for(config)[0],
         )
         medians = medians_of(times)
-        syncs = {path: host_syncs(steps[path], config.device) for path in paths}
         memory = {
             key: peak_memory(step, config.device, collect=not config.quick)
             for key, step in steps.items()
@@ -501,7 +759,7 @@ def bench_strategy(
     except Exception as error:
         return [{**base, "path": "-", "error": f"step: {type(error).__name__}: {error}"}]
     rows = []
-    for path in paths:
+    for path in paths + (["repo_style"] if "repo_style" in steps else []):
         row: dict[str, Any] = {
             **base,
             "kind": _kind(strategy),
@@ -513,8 +771,17 @@ def bench_strategy(
             "peak_mb": memory[path],
             "memory_ratio": _ratio(memory[path], memory["baseline"]),
             "rounds": len(times[path]),
-            "host_syncs": syncs[path],
         }
+        for reference in ("equal", "repo_style"):
+            if reference in steps and path != reference:
+                row.update(
+                    {
+                        f"{reference}_ms": medians[reference] * 1e3,
+                        f"{reference}_peak_mb": memory[reference],
+                        f"vs_{reference}": paired_ratio(times, path, reference),
+                        f"memory_vs_{reference}": _ratio(memory[path], memory[reference]),
+                    }
+                )
         if aggregator is not None and path.startswith("shared_params"):
             best_name = min(("torchjd", "torchjd_loop"), key=medians.__getitem__)
             row.update(
@@ -527,6 +794,74 @@ def bench_strategy(
             )
         rows.append(row)
     return rows
+
+
+def sync_check(
+    problem: Problem,
+    names: Sequence[str],
+    *,
+    first_sync: SyncDetector,
+    count_syncs: SyncDetector | None = None,
+    steps: int = 2,
+    create: Callable[..., Strategy] = tb.create_strategy,
+) -> list[dict[str, Any]]:
+    """Host syncs of every strategy in ``names`` on every path of ``problem``.
+
+    For each: an instance with ``check_finite = False``, one warm-up step (first-step work such
+    as lazy state is not the steady state), then ``steps`` steps under ``first_sync``; the row
+    says ``"ok"`` or where the first synchronising call was (``check_finite_off``). With
+    ``count_syncs``, a fresh instance with the default ``check_finite = True`` likewise, and
+    the most synchronising calls in one step (``syncs_per_step``, at most 1 wanted: the
+    engine's verdict) with where they were. ``create(name, tasks=...)`` builds the strategies.
+    A step that raises something else is reported as an error. The first row is the plain
+    step's own (strategy ``"plain"``): a sync there, in the model or its losses, is in every
+    strategy's step too."""
+    plain = _checked(_baseline(problem), first_sync, steps)
+    rows: list[dict[str, Any]] = [
+        {
+            "model": problem.name,
+            "T": len(problem.tasks),
+            "strategy": "plain",
+            "path": "sum(losses).backward()",
+            "check_finite_off": plain[0] if plain else "ok",
+        }
+    ]
+    for name in names:
+        base = {"model": problem.name, "T": len(problem.tasks), "strategy": name}
+        try:
+            paths = _paths(create(name, tasks=problem.tasks), problem.dense)
+        except Exception as error:
+            rows.append({**base, "path": "-", "error": f"create: {type(error).__name__}: {error}"})
+            continue
+        for path in paths:
+            row: dict[str, Any] = {**base, "path": path}
+            try:
+                strategy = create(name, tasks=problem.tasks).to(problem.inputs.device)
+                strategy.check_finite = False
+                sites = _checked(_strategy_step(strategy, problem, path), first_sync, steps)
+                row["check_finite_off"] = sites[0] if sites else "ok"
+                if count_syncs is not None:
+                    strategy = create(name, tasks=problem.tasks).to(problem.inputs.device)
+                    step = _strategy_step(strategy, problem, path)
+                    step()
+                    counted = [count_syncs(step) for _ in range(steps)]
+                    most = max(counted, key=len)
+                    row["syncs_per_step"] = len(most)
+                    row["sync_sites"] = most
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {error}"
+            rows.append(row)
+    return rows
+
+
+def _checked(step: Callable[[], None], detector: SyncDetector, steps: int) -> list[str]:
+    """One warm-up step, then up to ``steps`` under ``detector``: the first sites it found."""
+    step()
+    for _ in range(steps):
+        sites = detector(step)
+        if sites:
+            return sites
+    return []
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -600,7 +935,7 @@ def _toy_steps(name: str) -> dict[str, Callable[[], None]]:
 
 def bench_toy(config: BenchConfig, names: Sequence[str]) -> list[dict[str, Any]]:
     """Strategies that need gradients on the two-objective toy: step + Adam vs plain Adam."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in names:
         if not strategy_info(name).needs_grads:
             continue
@@ -645,8 +980,13 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"over the plain step's ({meta['memory_method']}).",
     ]
     rows = [r for r in results["rows"] if "error" not in r]
-    tasks = sorted({r["T"] for r in rows})
+    tasks = sorted({r["T"] for r in rows if r["model"] not in DENSE_MODELS})
     for model in results["config"]["models"]:
+        if model in DENSE_MODELS:
+            parts += _dense_tables(results, model)
+            continue
+        if not any(r["model"] == model for r in rows):
+            continue  # --no-timings, or every strategy failed (the errors table says why)
         table = []
         keys = sorted(
             {(r["strategy"], r["path"]) for r in rows if r["model"] == model},
@@ -716,15 +1056,8 @@ def to_markdown(results: dict[str, Any]) -> str:
             "### Two-objective toy (CAGrad's), strategy + Adam vs plain Adam\n\n"
             + markdown_table(table)
         )
-    checked = [r for r in rows if r.get("host_syncs") is not None]
-    if checked:
-        table = [
-            {k: r[k] for k in ("model", "T", "strategy", "path", "host_syncs")} for r in checked
-        ]
-        parts.append(
-            '### Host syncs per step (`torch.cuda.set_sync_debug_mode("error")`)\n\n'
-            + markdown_table(table)
-        )
+    if results.get("sync_check"):
+        parts.append(_sync_table(results["sync_check"]))
     errors = [r for r in results["rows"] if "error" in r]
     if errors:
         parts.append(
@@ -734,6 +1067,91 @@ def to_markdown(results: dict[str, Any]) -> str:
             )
         )
     return "\n\n".join(parts) + "\n"
+
+
+# The issue's targets for gradient methods on SegNet-MTAN, shared_params, T = 3.
+TARGET_VS_REPO, TARGET_VS_PLAIN = 0.8, 2.2
+
+
+def _dense_tables(results: dict[str, Any], model: str) -> list[str]:
+    """The table of one SegNet model: every strategy and path against equal weighting, the
+    plain step and (gradient methods) the repo-style step; on SegNet-MTAN the issue's targets."""
+    rows = [r for r in results["rows"] if r["model"] == model and "error" not in r]
+    if not rows:
+        return []
+    info = results["problems"].get(model, {})
+    h, w = results["meta"]["segnet"]["size"]
+    head = (
+        f"### {model}: NYUv2, T = 3, input {results['meta']['segnet']['batch']}×3×{h}×{w}, "
+        f"width {results['meta']['segnet']['width']:g} ({info.get('shared_parameters', 0):,} "
+        "shared parameters)\n\n"
+        "Step time and peak memory as multiples of equal weighting's step (a loss-level step: "
+        "the cost of choosing the method), of the plain step, and of the Nash-MTL trainer's "
+        "step with the same method (`repo_style`: one `autograd.grad` per task, then "
+        "`sum(w_i L_i).backward()`). Paired medians over the same rounds."
+    )
+    if model == "segnet_mtan":
+        head += (
+            " `features` is the last shared decoder map: the attention branches also read the "
+            "earlier shared maps, so that path's weights see only part of the trunk's gradient."
+        )
+    table = [
+        {
+            "strategy": r["strategy"],
+            "path": r["path"],
+            "time × equal": _fmt(r.get("vs_equal")),
+            "mem × equal": _fmt(r.get("memory_vs_equal")),
+            "time × plain": _fmt(r["time_ratio"]),
+            "mem × plain": _fmt(r["memory_ratio"]),
+            "time / repo-style": _fmt(r.get("vs_repo_style")),
+            "mem / repo-style": _fmt(r.get("memory_vs_repo_style")),
+            "step ms": _fmt(r["step_ms"], 1),
+            "peak MB": _fmt(r["peak_mb"], 1),
+        }
+        for r in sorted(rows, key=lambda r: (r["strategy"], r["path"]))
+    ]
+    parts = [head + "\n\n" + markdown_table(table)]
+    if model == "segnet_mtan":
+        checked = [r for r in rows if r["path"] == "shared_params" and "vs_repo_style" in r]
+        missed = [
+            f"{r['strategy']} ({_fmt(r['vs_repo_style'], 3)}× repo, "
+            f"{_fmt(r['time_ratio'], 3)}× plain)"
+            for r in checked
+            if not (r["vs_repo_style"] <= TARGET_VS_REPO and r["time_ratio"] <= TARGET_VS_PLAIN)
+        ]
+        parts.append(
+            f"Issue 15 targets on `shared_params` (≤ {TARGET_VS_REPO}× the repo-style step and "
+            f"≤ {TARGET_VS_PLAIN}× the plain step): {len(checked) - len(missed)} of "
+            f"{len(checked)} gradient methods meet both"
+            + (f"; not met: {', '.join(missed)}." if missed else ".")
+        )
+    return parts
+
+
+def _sync_table(check: dict[str, Any]) -> str:
+    """The sync check's rows, or why it did not run."""
+    title = "### Host syncs per training step\n\n"
+    if "skipped" in check:
+        return title + f"Not run: {check['skipped']}."
+    table = [
+        {
+            "model": r["model"],
+            "T": r["T"],
+            "strategy": r["strategy"],
+            "path": r["path"],
+            "check_finite=False": r.get("error") or r["check_finite_off"],
+            "syncs per step (default)": r.get("syncs_per_step", "n/a"),
+            "where (default)": "; ".join(r.get("sync_sites", [])),
+        }
+        for r in check["rows"]
+    ]
+    strategies = [r for r in check["rows"] if r["strategy"] != "plain"]
+    clean = sum(r.get("check_finite_off") == "ok" for r in strategies)
+    summary = (
+        f"{check['method']}. With `check_finite = False`: {clean} of {len(strategies)} "
+        "strategy/path pairs ran without a host sync."
+    )
+    return f"{title}{summary}\n\n{markdown_table(table)}"
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -804,58 +1222,108 @@ def _panel(path: str) -> str:
 
 # ----------------------------------------------------------------------------- driver
 def run(
-    config: BenchConfig, on_progress: Callable[[dict[str, Any]], None] | None = None
+    config: BenchConfig,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    sync_detectors: tuple[SyncDetector, SyncDetector | None] | None = None,
 ) -> dict[str, Any]:
     """Measure everything that ``config`` asks for; return the JSON-able results.
 
-    ``on_progress`` is called with the results so far after each model and task count, so a
-    long run that is cut short still leaves what it measured."""
+    ``on_progress`` is called with the results so far after each strategy, so a long run that
+    is cut short still leaves what it measured. ``sync_detectors`` (first sync, count) replace
+    the CUDA ones of ``--sync-check`` (tests pass their own)."""
     torchjd_version: str | None = None
     if importlib.util.find_spec("torchjd") is not None:
         torchjd_version = importlib.metadata.version("torchjd")
     use_torchjd = config.torchjd and torchjd_version is not None
     names = [n for pattern in config.strategies for n in tb.list_strategies(pattern)]
     names = sorted(set(names))
+    cuda = config.device.startswith("cuda")
     memory_method = (
-        "torch.cuda.max_memory_allocated"
-        if config.device.startswith("cuda")
-        else "growth of peak RSS (VmHWM) over one step"
+        "torch.cuda.max_memory_allocated" if cuda else "growth of peak RSS (VmHWM) over one step"
     )
     results: dict[str, Any] = {
         "meta": {
             "device": torch.cuda.get_device_name()
-            if config.device.startswith("cuda")
+            if cuda
             else platform.processor() or platform.machine(),
             "threads": config.threads,
             "torch": torch.__version__,
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32 if cuda else None,
+            "matmul_tf32": torch.backends.cuda.matmul.allow_tf32 if cuda else None,
             "torchjd": torchjd_version,
             "repeats": config.repeats,
             "warmup": config.warmup,
             "memory_method": memory_method,
             "clock": clock_for(config)[1],
             "strategies": names,
+            "segnet": {
+                "size": config.segnet_size,
+                "width": config.segnet_width,
+                "batch": config.segnet_batch,
+            },
         },
         "config": {"models": config.models, "tasks": config.tasks, "quick": config.quick},
+        "problems": {},
         "rows": [],
         "jacobian": [],
         "toy": [],
+        "sync_check": {},
     }
+    detectors: tuple[SyncDetector, SyncDetector | None] | None = sync_detectors
+    method = "a detector given by the caller"
+    if detectors is None and cuda:
+        detectors = (cuda_first_sync, cuda_syncs)
+        method = (
+            '`torch.cuda.set_sync_debug_mode("error")` with `check_finite = False`, `"warn"` '
+            "mode to count the default mode's calls"
+        )
+    if config.sync_check and detectors is None:
+        # On the CPU nothing syncs, and a Python-level stand-in would flag the reads that
+        # device-aware code does only where they are free (CPU tensors).
+        results["sync_check"] = {"skipped": "the sync check needs CUDA (--device cuda)"}
+        print("--sync-check: skipped, it needs CUDA", file=sys.stderr)
     rows: list[dict[str, Any]] = results["rows"]
+    problems = [
+        (model, tasks)
+        for model in config.models
+        for tasks in ([3] if model in DENSE_MODELS else config.tasks)
+    ]
     with _threads(config.threads):
-        if config.toy:
-            results["toy"] = bench_toy(config, names)
-        for model in config.models:
-            for tasks in config.tasks:
-                problem = make_problem(
-                    model, tasks, quick=config.quick, device=config.device, seed=config.seed
+        if config.sync_check and detectors is not None:
+            # First: it is quick, and a cut-short run should still have it.
+            checked: list[dict[str, Any]] = []
+            results["sync_check"] = {
+                "method": f"One warm-up step, then {config.sync_steps} steps under the detector "
+                f"({method})",
+                "rows": checked,
+            }
+            for model, tasks in problems:
+                checked += sync_check(
+                    problem_for(config, model, tasks),
+                    names,
+                    first_sync=detectors[0],
+                    count_syncs=detectors[1],
+                    steps=config.sync_steps,
                 )
-                if config.jacobian_table:
-                    results["jacobian"] += bench_jacobian(problem, config)
-                for name in names:
-                    new = bench_strategy(name, problem, config, use_torchjd)
-                    rows += new
-                    summary = ", ".join(f"{r['path']} {_fmt(r.get('time_ratio'))}×" for r in new)
-                    print(f"{model} T={tasks} {name}: {summary}", file=sys.stderr, flush=True)
+                if on_progress is not None:
+                    on_progress(results)
+        if config.toy and config.timings:
+            results["toy"] = bench_toy(config, names)
+        for model, tasks in problems if config.timings else []:
+            problem = problem_for(config, model, tasks)
+            results["problems"][model] = {
+                "shared_parameters": sum(p.numel() for p in problem.shared),
+                "features": list(problem.forward()[0].shape),
+            }
+            if config.jacobian_table:
+                results["jacobian"] += bench_jacobian(problem, config)
+            for name in names:
+                new = bench_strategy(name, problem, config, use_torchjd)
+                rows += new
+                summary = ", ".join(f"{r['path']} {_fmt(r.get('time_ratio'))}×" for r in new)
+                print(f"{model} T={tasks} {name}: {summary}", file=sys.stderr, flush=True)
                 if on_progress is not None:
                     on_progress(results)
     return results
@@ -863,12 +1331,22 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = parse_config(BenchConfig, argv)
+    targets = [(config.json, "json"), (config.markdown, "markdown")]
+    if config.out is not None:
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        targets += [
+            (str(Path(config.out) / "benchmark.json"), "json"),
+            (str(Path(config.out) / "benchmark.md"), "markdown"),
+        ]
 
     def save(results: dict[str, Any]) -> None:
-        if config.json:
-            Path(config.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
-        if config.markdown:
-            Path(config.markdown).write_text(to_markdown(results))
+        for path, kind in targets:
+            if path is None:
+                continue
+            if kind == "json":
+                Path(path).write_text(json.dumps(results, indent=2, default=str) + "\n")
+            else:
+                Path(path).write_text(to_markdown(results))
 
     results = run(config, save)
     text = to_markdown(results)
