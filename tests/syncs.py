@@ -40,6 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import taskbalance as tb
+from taskbalance.solvers import read_if_free
 
 __all__ = ["SyncCounter", "count_syncs"]
 
@@ -70,7 +71,8 @@ _PACKETS = {_aten.linalg_pinv}
 # Indexing ops that sync only with a bool (mask) index.
 _MASK_INDEXING = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default}
 
-_HOST_BY_DESIGN = {tb.Strategy.draw.__code__}
+# draw: the generator lives on the CPU; read_if_free: a solver's early stop, read on the CPU only
+_HOST_BY_DESIGN = {tb.Strategy.draw.__code__, read_if_free.__code__}
 
 
 def _reason(func: Any, args: tuple[Any, ...]) -> str | None:

@@ -170,3 +170,65 @@ def test_moco_two_steps_of_algorithm_1(rho: float | None) -> None:
         assert bool((lam > 0).all())
         torch.testing.assert_close(s.aggregate(jacobian), y.T @ lam)
         torch.testing.assert_close(s.lambdas.double(), lam)
+
+
+# --------------------------------------------------------------------------- issue 15: no syncs
+def test_nash_reuse_schedule_reads_the_step_counter_only_after_an_outside_write() -> None:
+    # update_weights_every = 3: solve at steps 0, 3, 6, reuse between. The host keeps a copy of
+    # the counter; the buffer is read once at the start, then only after something else wrote
+    # it (a loaded state, a restored transaction).
+    from syncs import SyncCounter  # tests/syncs.py
+
+    s = tb.create_strategy("nash_mtl", ["a", "b", "c"], update_weights_every=3, max_norm=0)
+    assert isinstance(s, tb.GradientAggregation)
+    losses, index = torch.ones(3), torch.arange(3)
+    gramian = torch.diag(torch.tensor([1.0, 4.0, 9.0]))
+
+    reads = []
+
+    def step() -> bool:  # True: a solve
+        with SyncCounter() as syncs:  # the schedule's decision
+            reused = s.reused_weights(losses, index)
+        reads.append(len(syncs))
+        if reused is None:
+            s.gramian_weights(gramian, losses, index)
+        return reused is None
+
+    assert [step() for _ in range(6)] == [True, False, False, True, False, False]
+    assert reads == [1, 0, 0, 0, 0, 0]  # the first read, then none
+    assert int(s.step) == 6
+    state = s.state_dict()
+    state["step"] = torch.tensor(4)
+    s.load_state_dict(state)
+    assert [step(), step(), step()] == [False, False, True]  # steps 4, 5, 6 of the schedule
+    assert reads[6:] == [1, 0, 0] and int(s.step) == 7
+    with pytest.raises(RuntimeError, match="rolled back"), s.transaction():
+        step()  # step 7: reuse; then the step fails and the counter is restored
+        raise RuntimeError("rolled back")
+    assert int(s.step) == 7
+    assert [step(), step(), step()] == [False, False, True]  # 7 again, 8, 9
+    assert reads[10:] == [1, 0, 0]
+
+
+def test_graddrop_features_chunks_give_the_one_piece_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The per-task products on features are taken a few tasks at a time (temporaries that stay
+    # in cache); chunks of one task give what one piece gives, to rounding.
+    from taskbalance.strategies import graddrop
+
+    generator = torch.Generator().manual_seed(3)
+    jacobian = torch.randn(5, 6 * 4, generator=generator, dtype=torch.float64)
+    features = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    losses, index = torch.ones(5, dtype=torch.float64), torch.arange(5)
+    whole = tb.create_strategy("graddrop", [f"t{i}" for i in range(5)], seed=2)
+    assert isinstance(whole, tb.GradientAggregation)
+    expected = whole.aggregate_rows(jacobian, losses, index, [features])
+    assert graddrop._task_chunks(5, 24) == [slice(0, graddrop._CHUNK // 24)]  # one piece
+    monkeypatch.setattr(graddrop, "_CHUNK", 24)
+    assert graddrop._task_chunks(5, 24) == [slice(i, i + 1) for i in range(5)]
+    chunked = tb.create_strategy("graddrop", [f"t{i}" for i in range(5)], seed=2)
+    assert isinstance(chunked, tb.GradientAggregation)
+    torch.testing.assert_close(
+        chunked.aggregate_rows(jacobian, losses, index, [features]), expected
+    )

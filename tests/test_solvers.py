@@ -494,7 +494,7 @@ def test_bad_arguments_are_not_solver_errors() -> None:
     for solve in (
         lambda: min_norm_weights(torch.zeros(2, 3)),
         lambda: min_norm_weights(gramian, max_iter=0),
-        lambda: cagrad_weights(gramian, 0.4, check_every=0),
+        lambda: cagrad_weights(gramian, 0.4, max_iter=0),
         lambda: nash_weights(gramian, max_iter=0),
     ):
         with pytest.raises(StrategyError) as raised:

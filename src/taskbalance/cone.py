@@ -20,8 +20,10 @@ simple constraints", SIAM J. Control Optim. 1982): Newton steps on the variables
 at their bound, scaled gradient steps on the others, and an Armijo search along the projection
 arc. For a quadratic the method ends with an exact Newton step once the active set is identified,
 so a handful of iterations suffice. It runs on the Gramian's device, in float64 where the device
-has it, with a tolerance and an iteration cap, deterministically; when it does not converge it
-raises :class:`~taskbalance.SolverError` rather than returning an unconverged answer.
+has it, with a tolerance and an iteration cap, deterministically, without a host sync
+(:func:`project_solution`; see :mod:`taskbalance.solvers` for how the loop ends); an unconverged
+answer is a failure (``ok`` false, or :class:`~taskbalance.SolverError` from
+:func:`project_weights`), never returned as if it were the projection.
 
 Two preprocessing steps follow TorchJD's ``UPGrad``/``DualProj``: ``G`` is divided by its trace
 (the result depends only on the directions and relative sizes of the gradients, and the solver's
@@ -37,10 +39,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from taskbalance.errors import SolverError, StrategyError
-from taskbalance.solvers import solver_dtype
+from taskbalance.errors import StrategyError
+from taskbalance.solvers import EarlyStop, Solution, checked, read_if_free, solver_dtype
 
-__all__ = ["project_weights"]
+__all__ = ["project_solution", "project_weights"]
 
 _ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 _HALVINGS = 30  # when the full step fails, 1, 1/2, ..., 2^-29 are tried at once
@@ -73,7 +75,9 @@ def project_weights(
 
     ``tol`` bounds the natural KKT residual ``max_i |min(w_i − u_i, (A w)_i)|`` of the normalised
     problem (relative to ``max(1, max_i |w_i − u_i|)``); ``max_iter`` caps the projected Newton
-    iterations.
+    iterations; once every row meets ``tol`` the answer is kept. Not converged:
+    :class:`~taskbalance.SolverError`; :func:`project_solution` returns the
+    :class:`~taskbalance.solvers.Solution` instead, without a host sync.
 
         >>> import torch
         >>> from taskbalance.cone import project_weights
@@ -82,6 +86,19 @@ def project_weights(
         >>> (w @ J).tolist()  # g1 = (1, 0) projected onto {v1 ≥ 0, v2 ≥ v1}
         [0.5, 0.5]
     """
+    return checked(project_solution(gramian, u, reg_eps=reg_eps, tol=tol, max_iter=max_iter))
+
+
+def project_solution(
+    gramian: Tensor,
+    u: Tensor,
+    *,
+    reg_eps: float = 1e-8,
+    tol: float = 1e-7,
+    max_iter: int = 100,
+) -> Solution:
+    """:func:`project_weights` as a :class:`~taskbalance.solvers.Solution`, without a host
+    sync."""
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
         raise StrategyError(f"gramian must be a square matrix, got shape {tuple(gramian.shape)}")
     if u.shape[-1] != gramian.shape[0]:
@@ -90,8 +107,16 @@ def project_weights(
         raise StrategyError("project_weights needs reg_eps >= 0, tol > 0 and max_iter >= 1")
     a, _ = normalized_gramian(gramian, reg_eps)
     batch = u.to(a.dtype).reshape(-1, a.shape[0])
-    x = _solve_box_qp(a, batch @ a, tol=tol, max_iter=max_iter)
-    return (batch + x).reshape(u.shape).to(u.dtype)
+    x, residual = _solve_box_qp(a, batch @ a, tol=tol, max_iter=max_iter)
+    return Solution(
+        (batch + x).reshape(u.shape).to(u.dtype),
+        (residual <= tol).all(),
+        lambda: (
+            f"dual-cone projection did not converge in {max_iter} iterations (KKT residual "
+            f"{residual.max().item():.3g} > tol={tol}); raise max_iter, or reg_eps for nearly "
+            "dependent gradients"
+        ),
+    )
 
 
 def _objective(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
@@ -109,8 +134,9 @@ def _residual(x: Tensor, grad: Tensor) -> Tensor:
     return torch.minimum(x, grad).abs().amax(-1) / x.abs().amax(-1).clamp(min=1.0)
 
 
-def _solve_box_qp(a: Tensor, b: Tensor, *, tol: float, max_iter: int) -> Tensor:
-    """``argmin_{x ≥ 0} ½ xᵀAx + bᵀx`` for each row of ``b`` ``[m, k]`` (A PSD, shared)."""
+def _solve_box_qp(a: Tensor, b: Tensor, *, tol: float, max_iter: int) -> tuple[Tensor, Tensor]:
+    """``argmin_{x ≥ 0} ½ xᵀAx + bᵀx`` for each row of ``b`` ``[m, k]`` (A PSD, shared), and
+    each row's KKT residual. Once every row is within ``tol``, the rows stay put."""
     m, k = b.shape
     x = torch.zeros_like(b)
     eye = torch.eye(k, dtype=a.dtype, device=a.device)
@@ -120,33 +146,30 @@ def _solve_box_qp(a: Tensor, b: Tensor, *, tol: float, max_iter: int) -> Tensor:
     damping = 1e-12 * eye
     steps = 0.5 ** torch.arange(_HALVINGS, dtype=a.dtype, device=a.device)
     rows = torch.arange(m, device=a.device)
-    residual = torch.zeros(m, dtype=a.dtype, device=a.device)
+    stop = EarlyStop(a.device)
+    grad = b  # at x = 0
+    residual = _residual(x, grad)
     for _ in range(max_iter):
-        grad = x @ a + b
-        residual = _residual(x, grad)
-        if bool((residual <= tol).all()):  # one host sync per iteration, on m numbers
-            return x
+        done = (residual <= tol).all()
+        if stop(done):
+            break
         threshold = residual.clamp(max=_ACTIVE_EPS).unsqueeze(-1)
         free = ~((x <= threshold) & (grad > 0))
         both = free.unsqueeze(-1) & free.unsqueeze(-2)
         reduced = torch.where(both, a + damping, eye)
-        newton = -torch.linalg.solve(reduced, torch.where(free, grad, 0.0))
-        direction = torch.where(free, newton, -grad / diagonal)
+        newton, _ = torch.linalg.solve_ex(reduced, torch.where(free, grad, 0.0))
+        direction = torch.where(free, -newton, -grad / diagonal)
         value = _objective(a, b, x)
         full = (x + direction).clamp(min=0)
-        if bool(_armijo(a, b, x, value, grad, full).all()):  # the usual case: the full step
-            x = full
-            continue
-        trial = (x + steps[:, None, None] * direction).clamp(min=0)  # [J, m, k]
-        accepted = _armijo(a, b, x, value, grad, trial)
-        # The largest accepted step; if none is accepted, the smallest one.
-        first = torch.where(accepted.any(0), accepted.to(torch.int8).argmax(0), _HALVINGS - 1)
-        x = trial[first, rows]
-    residual = _residual(x, x @ a + b)
-    if bool((residual <= tol).all()):
-        return x
-    raise SolverError(
-        f"dual-cone projection did not converge in {max_iter} iterations (KKT residual "
-        f"{residual.max().item():.3g} > tol={tol}); raise max_iter, or reg_eps for "
-        "nearly dependent gradients"
-    )
+        if read_if_free(_armijo(a, b, x, value, grad, full).all()):
+            step = full  # the usual case, and the first trial below anyway
+        else:
+            trial = (x + steps[:, None, None] * direction).clamp(min=0)  # [J, m, k]
+            accepted = _armijo(a, b, x, value, grad, trial)
+            # The largest accepted step; if none is accepted, the smallest one.
+            first = torch.where(accepted.any(0), accepted.to(torch.int8).argmax(0), _HALVINGS - 1)
+            step = trial[first, rows]
+        x = torch.where(done, x, step)
+        grad = x @ a + b
+        residual = _residual(x, grad)
+    return x, residual

@@ -11,7 +11,7 @@ from torch import Tensor
 from taskbalance.errors import StrategyError
 from taskbalance.gradient_aggregation import GradientAggregation, OnFailure
 from taskbalance.registry import register_strategy
-from taskbalance.solvers import cagrad_weights, solver_dtype
+from taskbalance.solvers import cagrad_solution, solver_dtype
 
 # g_w counts as zero when ‖g_w‖² ≤ 1e-16 (Σ_i w_i ‖g_i‖)², relative to the size of its terms:
 # below its rounding error from the Gramian.
@@ -99,7 +99,7 @@ class CAGrad(GradientAggregation):
         count = gramian.shape[0]
         work = gramian.to(solver_dtype(gramian.device))
         dual = self.solved(
-            lambda: cagrad_weights(work, self.c, tol=self.tol, max_iter=self.max_iter), index
+            lambda: cagrad_solution(work, self.c, tol=self.tol, max_iter=self.max_iter), index
         ).to(work.dtype)
         mean_norm = work.mean().clamp(min=0).sqrt()  # ‖g₀‖ = √(1ᵀG1) / T
         squared = dual @ work @ dual  # ‖g_w‖²

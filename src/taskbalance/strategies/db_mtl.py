@@ -66,13 +66,16 @@ class DBMTL(TrackedGradients):
         self.add_state("alphas", torch.ones(len(self.tasks)))
 
     def check_losses(self, losses: Tensor, index: Tensor) -> None:
-        bad = self.first_failing(losses + self.eps > 0, index)
-        if bad is not None:
-            name, position = bad
-            raise StrategyError(
+        ok = losses + self.eps > 0
+
+        def error() -> StrategyError:
+            name, position = self.first_failing(ok, index) or ("?", 0)
+            return StrategyError(
                 f"db_mtl trains on log(loss + {self.eps}); loss of task {name!r} is "
                 f"{losses[position].item():.6g}, which has no logarithm"
             )
+
+        self.defer_check(ok, error)
 
     def transform_losses(self, losses: Tensor) -> Tensor:
         return torch.log(losses + self.eps)
@@ -85,11 +88,10 @@ class DBMTL(TrackedGradients):
         features: Sequence[Tensor] | None = None,
     ) -> Tensor:
         # The rows are those of log(L_i + ε): h_i = g_i / (L_i + ε).
-        scales = torch.ones(index.numel(), dtype=jacobian.dtype, device=jacobian.device)
         self.steps[index] += 1
         rates = self.beta / self.steps[index] ** self.beta_sigma
         # ĝ ← β ĝ + (1 − β) h, in place.
-        averaged = self._update_tracked(index, jacobian, rates, (1 - rates) * scales)
+        averaged = self._update_tracked(index, jacobian, 1 - rates)
         norms = averaged.norm(dim=1)
         self.alphas[index] = (norms.amax() / (norms + 1e-8)).to(self.alphas.dtype)
         return (self.alphas[index].to(averaged.dtype) @ averaged).to(jacobian.dtype)

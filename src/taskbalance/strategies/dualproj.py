@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from taskbalance.cone import project_weights
+from taskbalance.cone import project_solution
 from taskbalance.registry import register_strategy
 from taskbalance.strategies.upgrad import UPGrad, present_preference
 
@@ -37,7 +37,7 @@ class DualProj(UPGrad):
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         pref = present_preference(self.pref, index, gramian)
         weights = self.solved(
-            lambda: project_weights(
+            lambda: project_solution(
                 gramian, pref, reg_eps=self.reg_eps, tol=self.tol, max_iter=self.max_iter
             ),
             index,

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from taskbalance.errors import SolverError, StrategyError
+from taskbalance.errors import StrategyError
 from taskbalance.gradient_aggregation import GradientAggregation, OnFailure
 from taskbalance.registry import register_strategy
-from taskbalance.solvers import solver_dtype
+from taskbalance.solvers import EarlyStop, Solution, checked, solver_dtype
 
 _ARMIJO = 1e-4
 _HALVINGS = 30
@@ -26,13 +26,24 @@ def fair_weights(
     The equation is the stationarity condition of the convex problem
     ``min_{w>0} ½ wᵀGw − Σ_i φ(w_i)`` with ``φ'(w) = w^(−1/α)`` (``φ = log`` for ``α = 1``,
     ``w^(1−1/α)/(1−1/α)`` otherwise), solved with damped Newton steps that keep ``w > 0`` and an
-    Armijo search. ``G`` is first divided by its mean diagonal ``t``, and the solution rescaled by
-    ``t^(−α/(α+1))``. Rows whose squared norm is at most ``ε²·max_j G_jj`` (``ε`` of the
-    Gramian's dtype: numerically zero gradients) get weight 0, since no finite weight can
-    satisfy their equation. Converged when ``max_i |(Gw)_i − w_i^(−1/α)| / w_i^(−1/α) ≤ tol``;
-    otherwise :class:`~taskbalance.SolverError` (for example when two gradients are exactly
-    opposite: no direction improves both, and the weights diverge).
+    Armijo search (all 30 step halvings tried at once). ``G`` is first divided by its mean
+    diagonal ``t``, and the solution rescaled by ``t^(−α/(α+1))``; the start is
+    ``w_i = G_ii^(−α/(α+1))`` (normalised ``G``), the solution for orthogonal gradients. Rows
+    whose squared norm is at most ``ε²·max_j G_jj`` (``ε`` of the Gramian's dtype: numerically
+    zero gradients) get weight 0, since no finite weight can satisfy their equation. Converged
+    when ``max_i |(Gw)_i − w_i^(−1/α)| / w_i^(−1/α) ≤ tol``, and then kept; otherwise, after
+    ``max_iter`` iterations, :class:`~taskbalance.SolverError` (for example when two
+    gradients are exactly opposite: no direction improves both, and the weights diverge).
+    :func:`fair_solution` returns the :class:`~taskbalance.solvers.Solution` instead, without a
+    host sync.
     """
+    return checked(fair_solution(gramian, alpha, tol=tol, max_iter=max_iter))
+
+
+def fair_solution(
+    gramian: Tensor, alpha: float, *, tol: float = 1e-8, max_iter: int = 100
+) -> Solution:
+    """:func:`fair_weights` as a :class:`~taskbalance.solvers.Solution`, without a host sync."""
     if not (alpha > 0 and math.isfinite(alpha)):
         raise StrategyError(f"alpha must be a positive finite number, got {alpha!r}")
     dtype = solver_dtype(gramian.device)
@@ -48,46 +59,53 @@ def fair_weights(
     # Dead rows are replaced by the equation w_i = w_i^(−1/α) (w_i = 1), zeroed at the end.
     a = torch.where(both, g / scale, eye * (~live)[:, None])
     power = -1.0 / alpha
-    w = torch.ones(k, dtype=dtype, device=g.device)
+    w = a.diagonal() ** (-alpha / (alpha + 1))  # (G w)_i = G_ii w_i = w_i^(−1/α)
     steps = 0.5 ** torch.arange(_HALVINGS, dtype=dtype, device=g.device)
 
     def objective(x: Tensor) -> Tensor:
         utility = x.log() if alpha == 1 else x ** (1 + power) / (1 + power)
         return 0.5 * ((x @ a) * x).sum(-1) - utility.sum(-1)
 
-    error = torch.full((), math.inf, dtype=dtype, device=g.device)
+    def error_of(x: Tensor) -> Tensor:  # the relative residual of each row of x [..., k]
+        target = x**power
+        return ((x @ a - target).abs() / target).amax(-1)
+
+    error = error_of(w)
+    done = ~(error > tol)  # NaN: stop, and fail below
+    stop = EarlyStop(g.device)
     for _ in range(max_iter):
-        target = w**power
-        grad = a @ w - target
-        error = (grad.abs() / target).amax()
-        if bool(error <= tol):  # one host sync per iteration
+        if stop(done):
             break
+        grad = a @ w - w**power
         hessian = a + torch.diag(-power * w ** (power - 1))
         step, info = torch.linalg.solve_ex(hessian, grad)
-        if bool(info != 0):  # the weights ran away until the Hessian became singular
-            break
+        # info ≠ 0: the weights ran away until the Hessian became singular; stop there
+        done = done | (info != 0)
         step = -step
         shrink = torch.where(step < 0, -_TO_BOUNDARY * w / step.clamp(max=-1e-300), math.inf)
         largest = shrink.amin().clamp(max=1.0)
         trial = w + (largest * steps)[:, None] * step  # [J, k], all positive
-        value = objective(w)
-        accepted = value - objective(trial) >= -_ARMIJO * largest * steps * (grad @ step)
+        accepted = objective(w) - objective(trial) >= -_ARMIJO * largest * steps * (grad @ step)
         # Near the solution the objective's decrease drowns in rounding; a smaller residual
         # is then the better test (the Newton step's own measure of progress).
-        trial_error = ((trial @ a - trial**power).abs() / trial**power).amax(-1)
+        trial_error = error_of(trial)
         accepted = accepted | (trial_error < (1 - _ARMIJO) * error)
         first = torch.where(accepted.any(), accepted.to(torch.int8).argmax(), _HALVINGS - 1)
-        w = trial[first]
-    target = w**power
-    error = ((a @ w - target).abs() / target).amax()
-    if not bool(torch.isfinite(error) & (error <= tol)):
-        raise SolverError(
+        first = first.reshape(1)  # an index tensor: no host read
+        w = torch.where(done, w, trial.index_select(0, first)[0])
+        error = torch.where(done, error, trial_error.index_select(0, first)[0])
+        done = done | ~(error > tol)
+    ok = torch.isfinite(error) & (error <= tol)
+    w = torch.where(live, w * scale ** (-alpha / (alpha + 1)), 0.0)
+    return Solution(
+        w.to(gramian.dtype),
+        ok,
+        lambda: (
             f"FairGrad found no weights w > 0 with (G w)_i = w_i^(-1/alpha) in {max_iter} "
             f"iterations (relative residual {error.item():.3g} > tol={tol}): the task gradients "
             "may admit no direction that improves them all (for example two opposite gradients)"
-        )
-    w = torch.where(live, w * scale ** (-alpha / (alpha + 1)), 0.0)
-    return w.to(gramian.dtype)
+        ),
+    )
 
 
 @register_strategy(
@@ -152,6 +170,7 @@ class FairGrad(GradientAggregation):
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         weights = self.solved(
-            lambda: fair_weights(gramian, self.alpha, tol=self.tol, max_iter=self.max_iter), index
+            lambda: fair_solution(gramian, self.alpha, tol=self.tol, max_iter=self.max_iter),
+            index,
         )
         return weights.to(gramian.dtype)

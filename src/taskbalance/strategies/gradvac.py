@@ -80,37 +80,44 @@ class GradVac(GradientAggregation):
         dtype = solver_dtype(gramian.device)
         g = gramian.to(dtype)
         device = g.device
-        keys = self.draw(lambda generator: torch.rand(k, k, generator=generator)).to(device)
+        keys = self.draw(lambda generator: torch.rand(k, k, generator=generator))
+        keys = keys.to(device, non_blocking=True)
         # Row i: the other tasks in random order (the diagonal key 2 sorts i itself last).
         order = keys.masked_fill(torch.eye(k, dtype=torch.bool, device=device), 2.0).argsort(1)
-        rows = torch.arange(k, device=device)
+        order = order[:, : k - 1]
         targets = self.targets[index[:, None], index[None, :]].to(dtype)
-        updated = targets.clone()
-        coefficients = torch.eye(k, dtype=dtype, device=device)
-        dots = g.clone()  # dots[i, j] = g_i'·g_j
-        squares = g.diagonal().clone()  # ‖g_i'‖²
+        # Per round r, once for all rounds: the partner's row of G, its squared norm, the target
+        # and what depends on them alone.
+        partner_rows, partner_squares = g[order], g.diagonal()[order]
+        partner_targets = targets.gather(1, order)
+        partner_live = partner_squares > 0
+        partner_norms = partner_squares.clamp(min=0).sqrt()
+        sin_targets = (1 - partner_targets**2).clamp(min=0).sqrt().clamp(min=self.eps)
+        divisors = torch.where(partner_live, partner_norms, 1.0) * sin_targets
+        kept_targets = (1 - self.beta) * partner_targets
+        dots = g  # dots[i, j] = g_i'·g_j
+        squares = g.diagonal()  # ‖g_i'‖²
+        steps, emas = [g.new_zeros(k, 0)], [g.new_zeros(k, 0)]
         for r in range(k - 1):
-            partner = order[:, r]
-            dot = dots[rows, partner]
-            partner_square = g[partner, partner]
-            valid = (squares > 0) & (partner_square > 0)
-            norm, partner_norm = squares.clamp(min=0).sqrt(), partner_square.clamp(min=0).sqrt()
-            denominator = torch.where(valid, norm * partner_norm, 1.0)
+            dot = dots.gather(1, order[:, r : r + 1])[:, 0]
+            target = partner_targets[:, r]
+            valid = (squares > 0) & partner_live[:, r]
+            norm = squares.clamp(min=0).sqrt()
+            denominator = torch.where(valid, norm * partner_norms[:, r], 1.0)
             cosine = torch.where(valid, dot / denominator, 0.0).clamp(-1.0, 1.0)
-            target = targets[rows, partner]
-            sin_target = (1 - target**2).clamp(min=0).sqrt().clamp(min=self.eps)
             sin_cosine = (1 - cosine**2).clamp(min=0).sqrt()
-            step = (
-                norm
-                * (target * sin_cosine - cosine * sin_target)
-                / (torch.where(valid, partner_norm, 1.0) * sin_target)
-            )
+            step = norm * (target * sin_cosine - cosine * sin_targets[:, r]) / divisors[:, r]
             step = torch.where(valid & (cosine < target), step, 0.0)
-            coefficients[rows, partner] += step
-            squares = squares + 2 * step * dot + step**2 * partner_square
-            dots = dots + step[:, None] * g[partner]
-            ema = (1 - self.beta) * target + self.beta * cosine
-            updated[rows, partner] = torch.where(valid, ema, target)
+            squares = squares + 2 * step * dot + step**2 * partner_squares[:, r]
+            dots = dots + step[:, None] * partner_rows[:, r]
+            steps.append(step[:, None])
+            emas.append(
+                torch.where(valid, kept_targets[:, r] + self.beta * cosine, target)[:, None]
+            )
+        coefficients = torch.eye(k, dtype=dtype, device=device).scatter_add(
+            1, order, torch.cat(steps, dim=1)
+        )
+        updated = targets.scatter(1, order, torch.cat(emas, dim=1))
         with torch.no_grad():
             self.targets[index[:, None], index[None, :]] = updated.to(self.targets.dtype)
         return coefficients.sum(0).to(gramian.dtype)

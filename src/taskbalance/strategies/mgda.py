@@ -11,7 +11,7 @@ from torch import Tensor
 from taskbalance.errors import StrategyError
 from taskbalance.gradient_aggregation import GradientAggregation, OnFailure
 from taskbalance.registry import register_strategy
-from taskbalance.solvers import min_norm_weights
+from taskbalance.solvers import min_norm_solution
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
@@ -99,16 +99,18 @@ class MGDA(GradientAggregation):
             scale = norms
         else:
             losses = losses.to(gramian.dtype)
-            if self.normalization in ("loss", "loss+") and not bool((losses > 0).all()):
-                raise StrategyError(
+            self.defer_check(
+                losses > 0,
+                lambda: StrategyError(
                     f"normalization={self.normalization!r} needs positive losses, got {losses}"
-                )
+                ),
+            )
             scale = losses if self.normalization == "loss" else losses * norms
         if scale is not None:
             # A zero gradient stays zero: divide by 1 there.
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             gramian = gramian / torch.outer(scale, scale)
         weights = self.solved(
-            lambda: min_norm_weights(gramian, tol=self.tol, max_iter=self.max_iter), index
+            lambda: min_norm_solution(gramian, tol=self.tol, max_iter=self.max_iter), index
         )
         return weights.to(gramian.dtype)

@@ -63,17 +63,22 @@ class TrackedGradients(GradientAggregation):
         return self.tracked
 
     def _update_tracked(
-        self, index: Tensor, jacobian: Tensor, keep: Tensor, gain: Tensor
+        self, index: Tensor, jacobian: Tensor, weight: Tensor, scale: Tensor | None = None
     ) -> Tensor:
-        """Rows ``index`` of the running gradients become ``keep_i·row_i + gain_i·jacobian_i``;
-        returns them (``[k, P]``), without temporaries of the state's size when all tasks are
-        present."""
+        """Rows ``index`` of the running gradients move towards ``h_i = scale_i·jacobian_i``
+        (``jacobian_i`` without ``scale``) by ``weight`` (one per row), ``y_i ← y_i + w_i (h_i −
+        y_i)``, in place; returns them (``[k, P]``), without temporaries of the state's size when
+        all tasks are present (one pass over the state without ``scale``: ``torch.lerp``)."""
         tracked = self._tracked(jacobian)
-        keep, gain = keep.to(tracked.dtype).unsqueeze(1), gain.to(tracked.dtype).unsqueeze(1)
-        if index.numel() == len(self.tasks):  # every task present: index is 0..T-1
-            return tracked.mul_(keep).addcmul_(jacobian.to(tracked.dtype), gain)
-        rows = tracked[index].mul_(keep).addcmul_(jacobian.to(tracked.dtype), gain)
-        tracked[index] = rows
+        weight, jacobian = weight.to(tracked.dtype).unsqueeze(1), jacobian.to(tracked.dtype)
+        every = index.numel() == len(self.tasks)  # every task present: index is 0..T-1
+        rows = tracked if every else tracked[index]
+        if scale is None:
+            rows.lerp_(jacobian, weight)
+        else:
+            rows.mul_(1 - weight).addcmul_(jacobian, weight * scale.to(tracked.dtype).unsqueeze(1))
+        if not every:
+            tracked[index] = rows
         return rows
 
 
@@ -150,20 +155,20 @@ class MoCo(TrackedGradients):
         index: Tensor,
         features: Sequence[Tensor] | None = None,
     ) -> Tensor:
-        factors = torch.ones(index.numel(), dtype=jacobian.dtype, device=jacobian.device)
+        factors = None
         if self.normalization == "loss":
             factors = losses.to(jacobian.dtype) / (jacobian.norm(dim=1) + 1e-8)
         self.steps[index] += 1
         rates = self.beta / self.steps[index] ** self.beta_sigma
         # y ← (1 − β) y + β h, in place: the [T, P] state is the big tensor here.
-        y = self._update_tracked(index, jacobian, 1 - rates, rates * factors)
+        y = self._update_tracked(index, jacobian, rates, factors)
         self.lambda_steps += 1
         rate = self.gamma / self.lambda_steps**self.gamma_sigma
         current = self.lambdas[index].to(y.dtype)
         mass = current.sum()
         share = torch.where(mass > 0, current / mass.clamp(min=1e-30), 1.0 / index.numel())
-        eye = torch.eye(index.numel(), dtype=y.dtype, device=y.device)
-        step = (y @ y.mT + self.rho * eye) @ share
+        # (Y Yᵀ + ρI) λ as Y (Yᵀλ) + ρλ: two passes over Y, not the k² P flops of Y Yᵀ
+        step = y @ (share @ y) + self.rho * share
         share = project_to_simplex(share - rate.to(y.dtype) * step)
         self.lambdas[index] = (share * mass).to(self.lambdas.dtype)
         return (share @ y).to(jacobian.dtype)

@@ -14,7 +14,7 @@ from taskbalance.gradient_aggregation import (
     OnFailure,
 )
 from taskbalance.registry import register_strategy
-from taskbalance.solvers import nash_weights
+from taskbalance.solvers import nash_solution
 
 
 @register_strategy(
@@ -54,7 +54,9 @@ class NashMTL(GradientAggregation):
       the last solution in between, as the official code does. A step that reuses it takes no
       per-task gradients: one gradient of ``Σ α_i L_i`` w.r.t. the shared tensors gives this
       step's ``‖d‖`` for the clip, and one backward finishes (heads only, for parameters). The
-      step counter is a buffer; with a value above 1 reading it costs one host sync per step.
+      step counter is a buffer (saved with the state); the host keeps a copy of it, read from
+      the buffer only when something else wrote it (a restored or loaded state), so the decision
+      costs no host sync in a run.
       With partial labels a reused step takes the stored ``α`` of the tasks present (``α = 1``
       for all of them if one has none yet).
     * ``max_norm`` (default 1.0, as in the official code; 0 disables): the official code calls
@@ -104,21 +106,37 @@ class NashMTL(GradientAggregation):
         self.optim_niter = optim_niter
         self.tol = float(tol)
         self.add_state("step", torch.zeros((), dtype=torch.long), per_task=False)
+        self._host_copy: tuple[Tensor | None, int, int] = (None, 0, 0)
 
-    def _reuses(self) -> bool:
-        every = self.update_weights_every
-        return every > 1 and int(self.step) % every != 0  # one host sync, only when every > 1
+    def _host_step(self) -> int:
+        """The step counter, from the host's copy while the buffer is the tensor this strategy
+        last saw (same object, same version); otherwise read from the buffer (one host sync:
+        after a restored or loaded state, or a move to another device)."""
+        buffer, version, value = self._host_copy
+        if buffer is not self.step or buffer._version != version:
+            value = int(self.step)
+            self._host_copy = (self.step, self.step._version, value)
+        return value
+
+    def _count_step(self) -> None:
+        if self.update_weights_every == 1:  # never read in a step
+            self.step += 1
+            return
+        value = self._host_step()
+        self.step += 1
+        self._host_copy = (self.step, self.step._version, value + 1)
 
     def reused_weights(self, losses: Tensor, index: Tensor) -> Tensor | None:
-        if not self._reuses():
+        every = self.update_weights_every
+        if every == 1 or self._host_step() % every == 0:
             return None
-        self.step += 1
+        self._count_step()
         return self.previous_weights(index, equal="sum")
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        self.step += 1
+        self._count_step()
         return self.solved(
-            lambda: nash_weights(gramian, tol=self.tol, max_iter=self.optim_niter),
+            lambda: nash_solution(gramian, tol=self.tol, max_iter=self.optim_niter),
             index,
             equal="sum",
         )

@@ -70,20 +70,26 @@ class PCGrad(GradientAggregation):
         """``[count, count − 1]``: row ``i`` is a random order of the tasks other than ``i``."""
         keys = self.draw(lambda generator: torch.rand(count, count, generator=generator))
         keys.fill_diagonal_(2.0)  # self sorts last and is dropped
-        return keys.argsort(dim=1)[:, : count - 1].to(device)
+        return keys.argsort(dim=1)[:, : count - 1].to(device, non_blocking=True)
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         count = gramian.shape[0]
-        coefficients = torch.eye(count, dtype=gramian.dtype, device=gramian.device)
         orders = self._orders(count, gramian.device)
-        rows = torch.arange(count, device=gramian.device)
         squared_norms = gramian.diagonal()
         safe_norms = torch.where(squared_norms > 0, squared_norms, torch.ones_like(squared_norms))
+        visited = gramian[orders]  # [i, step]: the row of G of the task i visits at that step
+        divisors = safe_norms[orders]
+        products = gramian  # C G: row i holds g̃_iᵀ g_l for every task l
+        shifts = [gramian.new_zeros(count, 0)]
         for step in range(count - 1):
-            other = orders[:, step]  # task j visited by each i at this step
-            inner = (coefficients * gramian[other]).sum(dim=1)  # g̃_iᵀ g_j = (C G)_ij
+            other = orders[:, step : step + 1]  # task j visited by each i at this step
+            inner = products.gather(1, other)[:, 0]  # g̃_iᵀ g_j = (C G)_ij
             # A zero g_j has inner product 0 and is never projected on.
-            shift = torch.where(inner < 0, inner / safe_norms[other], torch.zeros_like(inner))
-            coefficients[rows, other] -= shift
-        weights = coefficients.sum(dim=0)
+            shift = torch.where(inner < 0, inner / divisors[:, step], 0.0)
+            products = products - shift[:, None] * visited[:, step]  # C_ij -= shift_i
+            shifts.append(shift[:, None])
+        # Σ_i C_ij: 1 from C = I, minus the shifts of every (i, j) visited
+        weights = torch.ones_like(squared_norms).index_add(
+            0, orders.flatten(), -torch.cat(shifts, dim=1).flatten()
+        )
         return weights / count if self.reduction == "mean" else weights

@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from taskbalance.cone import project_weights
+from taskbalance.cone import project_solution
 from taskbalance.errors import StrategyError
 from taskbalance.gradient_aggregation import GradientAggregation, OnFailure
 from taskbalance.registry import register_strategy
+from taskbalance.solvers import Solution
 from taskbalance.validation import per_task_vector
 
 
@@ -114,11 +115,11 @@ class UPGrad(GradientAggregation):
     def gramian_weights(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
         pref = present_preference(self.pref, index, gramian)
 
-        def solve() -> Tensor:
-            projected = project_weights(
+        def solve() -> Solution:
+            projected = project_solution(
                 gramian, torch.diag(pref), reg_eps=self.reg_eps, tol=self.tol,
                 max_iter=self.max_iter,
             )  # fmt: skip
-            return projected.sum(0)
+            return projected._replace(weights=projected.weights.sum(0))
 
         return self.solved(solve, index).to(gramian.dtype)
