@@ -22,6 +22,7 @@ from typing import Literal
 
 import pytest
 import torch
+from test_amp import _InfGrad  # the overflow the mixed-precision tests use
 from torch import Tensor, nn
 
 import taskbalance as tb
@@ -339,18 +340,6 @@ def test_gradnorm_runs_as_it_did_from_the_jacobian(
     for a, b in zip(new_grads, old_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(new[-1], torch.ones(3))  # the weights moved
-
-
-class _InfGrad(torch.autograd.Function):
-    """Identity whose backward overflows, as a too-large loss scale would in float16."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        return grad * float("inf")
 
 
 def test_an_overflow_on_the_kernel_path_is_skipped_with_the_state_kept() -> None:
