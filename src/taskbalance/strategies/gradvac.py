@@ -81,43 +81,57 @@ class GradVac(GradientAggregation):
         g = gramian.to(dtype)
         device = g.device
         keys = self.draw(lambda generator: torch.rand(k, k, generator=generator))
+        if k == 1:  # no pair to compare (drawn all the same: the generator moves every step)
+            return gramian.new_ones(1)
         keys = keys.to(device, non_blocking=True)
         # Row i: the other tasks in random order (the diagonal key 2 sorts i itself last).
         order = keys.masked_fill(torch.eye(k, dtype=torch.bool, device=device), 2.0).argsort(1)
         order = order[:, : k - 1]
         targets = self.targets[index[:, None], index[None, :]].to(dtype)
         # Per round r, once for all rounds: the partner's row of G, its squared norm, the target
-        # and what depends on them alone.
-        partner_rows, partner_squares = g[order], g.diagonal()[order]
+        # and what depends on them alone; round-major, so that round r reads contiguous rows.
+        partner_rows = g[order].transpose(0, 1)  # [k − 1, k, k]
+        partner_squares = g.diagonal()[order]
         partner_targets = targets.gather(1, order)
         partner_live = partner_squares > 0
         partner_norms = partner_squares.clamp(min=0).sqrt()
         sin_targets = (1 - partner_targets**2).clamp(min=0).sqrt().clamp(min=self.eps)
         divisors = torch.where(partner_live, partner_norms, 1.0) * sin_targets
-        kept_targets = (1 - self.beta) * partner_targets
+        per_task = (partner_targets, partner_live, partner_norms, partner_squares, sin_targets)
+        rounds = zip(
+            order.mT.unbind(0),
+            *(x.mT.unbind(0) for x in (*per_task, divisors)),
+            partner_rows.unbind(0),
+        )
+        zero, one = g.new_zeros(()), g.new_ones(())
         dots = g  # dots[i, j] = g_i'·g_j
         squares = g.diagonal()  # ‖g_i'‖²
-        steps, emas = [g.new_zeros(k, 0)], [g.new_zeros(k, 0)]
-        for r in range(k - 1):
-            dot = dots.gather(1, order[:, r : r + 1])[:, 0]
-            target = partner_targets[:, r]
-            valid = (squares > 0) & partner_live[:, r]
+        steps, cosines, valids = [], [], []
+        # Launch-bound (k − 1 rounds of [k]-sized work): few kernels per round.
+        for partner, target, live, partner_norm, partner_square, sin_target, divisor, row in rounds:
+            dot = dots.gather(1, partner[:, None])[:, 0]
             norm = squares.clamp(min=0).sqrt()
-            denominator = torch.where(valid, norm * partner_norms[:, r], 1.0)
-            cosine = torch.where(valid, dot / denominator, 0.0).clamp(-1.0, 1.0)
-            sin_cosine = (1 - cosine**2).clamp(min=0).sqrt()
-            step = norm * (target * sin_cosine - cosine * sin_targets[:, r]) / divisors[:, r]
-            step = torch.where(valid & (cosine < target), step, 0.0)
-            squares = squares + 2 * step * dot + step**2 * partner_squares[:, r]
-            dots = dots + step[:, None] * partner_rows[:, r]
-            steps.append(step[:, None])
-            emas.append(
-                torch.where(valid, kept_targets[:, r] + self.beta * cosine, target)[:, None]
-            )
-        coefficients = torch.eye(k, dtype=dtype, device=device).scatter_add(
-            1, order, torch.cat(steps, dim=1)
+            valid = (norm > zero) & live  # a tensor, not 0: a Python scalar costs a copy
+            cosine = torch.where(valid, dot / (norm * partner_norm), zero).clamp_(-1.0, 1.0)
+            sin_cosine = torch.addcmul(one, cosine, cosine, value=-1).clamp_(min=0).sqrt_()
+            step = torch.addcmul(target * sin_cosine, cosine, sin_target, value=-1)
+            step = torch.where(valid & (cosine < target), step.mul_(norm).div_(divisor), zero)
+            # ‖g_i' + a g_j‖² = ‖g_i'‖² + a (2 g_i'·g_j + a ‖g_j‖²)
+            squares = torch.addcmul(squares, step, torch.addcmul(dot + dot, step, partner_square))
+            dots = torch.addcmul(dots, step[:, None], row)
+            steps.append(step)
+            cosines.append(cosine)
+            valids.append(valid)
+        # φ̂ ← (1 − β) φ̂ + β φ for the pairs compared, all rounds at once
+        emas = torch.where(
+            torch.stack(valids, 1),
+            (1 - self.beta) * partner_targets + self.beta * torch.stack(cosines, 1),
+            partner_targets,
         )
-        updated = targets.scatter(1, order, torch.cat(emas, dim=1))
+        coefficients = torch.eye(k, dtype=dtype, device=device).scatter_add(
+            1, order, torch.stack(steps, 1)
+        )
+        updated = targets.scatter(1, order, emas)
         with torch.no_grad():
             self.targets[index[:, None], index[None, :]] = updated.to(self.targets.dtype)
         return coefficients.sum(0).to(gramian.dtype)
