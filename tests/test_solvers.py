@@ -16,7 +16,13 @@ import torch
 import taskbalance as tb
 from taskbalance import SolverError, StrategyError
 from taskbalance.cone import project_weights
-from taskbalance.solvers import cagrad_weights, min_norm_two, min_norm_weights, nash_weights
+from taskbalance.solvers import (
+    cagrad_weights,
+    min_norm_two,
+    min_norm_weights,
+    nash_weights,
+    spectrum,
+)
 from taskbalance.strategies.fairgrad import fair_weights
 
 
@@ -531,3 +537,29 @@ assert not loaded, loaded
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_spectrum_is_eigh_and_nan_for_a_non_finite_matrix() -> None:
+    matrix = gram(random_jacobian(4, 6, 3))
+    values, vectors = spectrum(matrix)
+    expected_values, expected_vectors = torch.linalg.eigh(matrix)
+    assert torch.equal(values, expected_values) and torch.equal(vectors, expected_vectors)
+    for bad in (math.nan, math.inf):
+        broken = matrix.clone()
+        broken[1, 2] = broken[2, 1] = bad
+        with pytest.raises(torch.linalg.LinAlgError):  # what spectrum keeps a step from
+            torch.linalg.eigh(torch.full_like(matrix, bad))
+        values, vectors = spectrum(broken)
+        assert values.isnan().all() and vectors.isnan().all()
+
+
+@pytest.mark.parametrize("name", ["aligned_mtl", "config", "imtl", "imtl_g"])
+def test_spectral_methods_skip_a_non_finite_gramian_without_check_finite(name: str) -> None:
+    # eigh of a non-finite matrix raises; with check_finite off the step must be skipped instead
+    strategy = tb.create_strategy(name, ["a", "b", "c"])
+    strategy.check_finite = False
+    rows = random_jacobian(3, 5, 0)
+    rows[1] = math.inf
+    assert isinstance(strategy, tb.GradientAggregation)
+    weights = strategy.gramian_weights(rows @ rows.T, torch.ones(3), torch.arange(3))
+    assert weights.isnan().all()
