@@ -219,6 +219,8 @@ def test_leaf_losses_start_a_new_step_at_every_call() -> None:
 @pytest.mark.parametrize("path", ["shared_params", "features"])
 def test_combine_then_backward_equals_backward(name: str, path: str) -> None:
     strategy, problem = tb.create_strategy(name, TASKS), ToyProblem.create(TASKS)
+    if path == "features" and isinstance(strategy, tb.GradientAggregation):
+        strategy.max_norm = 0.0  # combine refuses features= under Nash-MTL's clip
     twin, twin_problem = copy.deepcopy(strategy), copy.deepcopy(problem)
     for step in range(3):
         problem.zero_grad()
@@ -309,7 +311,7 @@ def test_reused_weights_skip_the_per_task_gradients_and_max_norm_clips() -> None
         d = torch.tensor([2.0, 1.0])
         factor = min(1.0, 1.0 / (d.norm().item() + 1e-6))
         torch.testing.assert_close(w.grad, d * factor)
-        torch.testing.assert_close(report.weight_values, d * factor)
+        torch.testing.assert_close(report.weight_values, d)  # the weights; the clip is the grad's
         assert bool(s.ready)
 
 

@@ -20,6 +20,7 @@ from taskbalance.jacobian import (
     direction_backward,
     gramian,
     gramian_backward,
+    graph_leaves,
     inputs_reached,
     jacobian,
 )
@@ -28,6 +29,7 @@ from taskbalance.solvers import Solution, solver_dtype
 from taskbalance.strategy import (
     HALF,
     Strategy,
+    check_watched_gradients,
     discarded,
     loss_scale,
     mark_overflow,
@@ -67,9 +69,15 @@ class GradientAggregation(Strategy):
     * the hooks every strategy has (:meth:`~Strategy.check_losses`,
       :meth:`~Strategy.on_train_step`, :meth:`~Strategy.extras`, :meth:`~Strategy.end_epoch`).
 
-    Base-class options: ``max_norm`` (an instance attribute, 0 = off) clips the shared update's
-    norm by folding ``min(1, max_norm / (‖d‖ + 1e-6))`` into the weights (Nash-MTL's clip), with
-    ``‖d‖² = wᵀGw`` of this step; and the failure policy below.
+    Base-class options: ``max_norm`` (an instance attribute, 0 = off; Nash-MTL's clip) is
+    ``torch.nn.utils.clip_grad_norm_(shared parameters, max_norm)`` of the step's gradient after
+    its backward: the shared parameters' gradient ``d`` is multiplied by
+    ``min(1, max_norm / (‖d‖ + 1e-6))``, the heads' is not, and the report shows the unclipped
+    weights. The shared parameters are ``shared_params``, or on ``features=`` the parameters the
+    features are computed from (not the features: their gradient's norm says nothing about the
+    parameters'). ``combine`` folds it into the total on ``shared_params`` and refuses it on
+    ``features=`` (the backward is the caller's); :meth:`aggregate` clips the direction it
+    returns. And the failure policy below.
 
     With ``features=`` the Jacobian is taken w.r.t. the shared representation (MGDA-UB of
     Sener & Koltun, 2018): far cheaper, and an approximation of the parameter Jacobian.
@@ -219,7 +227,7 @@ class GradientAggregation(Strategy):
         """The direction ``[P]`` from the rows ``[k, P]``; ``features`` are the tensors the rows
         were taken w.r.t. on the ``features=`` path (``None`` otherwise), for methods that need
         them (GradDrop). Default: the combination with :meth:`gramian_weights`."""
-        weights = self._weights_from_gramian(gramian(jacobian), losses, index)
+        weights = self._weights_from_gramian(gramian(jacobian), losses, index, clip=True)
         return weights.to(jacobian.dtype) @ jacobian
 
     def reused_weights(self, losses: Tensor, index: Tensor) -> Tensor | None:
@@ -308,14 +316,15 @@ class GradientAggregation(Strategy):
                     self.before_train_step(detached, index)
             work = self._transformed(batch)
             reused = self.reused_weights(work.values.detach(), index)
-            if reused is not None:
-                weights = self._backward_reused(work, inputs, scaler, reused)
-            elif self.combines_gradients() and _plain_parameters(work, inputs):
-                weights = self._backward_gramian(work, inputs, scaler)
-            elif features is None and _plain_parameters(work, inputs):
-                weights = self._backward_direction(work, inputs, scaler)
-            else:
-                weights = self._backward_from_rows(work, inputs, scaler, features is not None)
+            with self._clipped(inputs, features is not None, scaler):
+                if reused is not None:
+                    weights = self._backward_reused(work, scaler, reused)
+                elif self.combines_gradients() and _plain_parameters(work, inputs):
+                    weights = self._backward_gramian(work, inputs, scaler)
+                elif features is None and _plain_parameters(work, inputs):
+                    weights = self._backward_direction(work, inputs, scaler)
+                else:
+                    weights = self._backward_from_rows(work, inputs, scaler, features is not None)
             if batch.training:
                 verdict()  # settled before the final backward already: on_train_step only
                 with torch.no_grad():  # runs in a step that succeeded
@@ -348,6 +357,13 @@ class GradientAggregation(Strategy):
             self._check_gathered()
             return batch.values.sum(), self._report(batch, torch.ones_like(detached), None)
         inputs = self._grad_inputs(shared_params, features, batch)
+        if features is not None and self.max_norm > 0:
+            raise StrategyError(
+                f"{type(self).__name__}.combine with features=: max_norm={self.max_norm} clips "
+                "the trunk parameters' gradient after the backward, which combine leaves to you; "
+                "use backward(losses, features=...), or pass shared_params=, or create the "
+                "strategy with max_norm=0 and call torch.nn.utils.clip_grad_norm_ yourself"
+            )
         repeated = self._repeated_step(losses)
         if repeated is not None:
             make_total, report = repeated
@@ -376,14 +392,7 @@ class GradientAggregation(Strategy):
         """This step's total as a function of the losses and inputs, and its weights."""
         detached = work.values.detach()
         reused = self.reused_weights(detached, work.index)
-        if reused is not None:
-            weights, _ = self._clipped_reused(work, inputs, None, reused)
-        elif self.combines_gradients():
-            rows = per_task_jacobian(work, inputs, None)
-            with _solver_errors(self):
-                weights = self._weights_from_gramian(gramian(rows), detached, work.index)
-            weights = weights.detach().to(detached.dtype)
-        else:
+        if reused is None and not self.combines_gradients():
             if work.group is not None:
                 raise StrategyError(
                     f"{type(self).__name__}.combine: a method with its own direction cannot "
@@ -394,15 +403,29 @@ class GradientAggregation(Strategy):
                 direction = self.aggregate_rows(
                     rows, detached, work.index, inputs if features else None
                 )
-            correction = (direction - rows.sum(0)).detach()
-            pieces = correction.split([t.numel() for t in inputs])
-
-            def corrected(batch: TaskLosses, tensors: Sequence[Tensor]) -> Tensor:
-                extra = sum((t * p.view_as(t).to(t.dtype)).sum() for t, p in zip(tensors, pieces))
-                return batch.values.sum() + extra
-
-            return corrected, torch.ones_like(detached)
-        return (lambda batch, _tensors: (weights * batch.values).sum()), weights
+            direction = direction * self._clip_factor(direction.square().sum())
+            ones = torch.ones_like(detached)
+            return _corrected_total(ones, direction - rows.sum(0), inputs), ones
+        if reused is not None:
+            weights = reused.to(detached.dtype)
+        else:
+            rows = per_task_jacobian(work, inputs, None)
+            with _solver_errors(self):
+                weights = self._weights_from_gramian(gramian(rows), detached, work.index)
+            weights = weights.detach().to(detached.dtype)
+        if self.max_norm == 0:
+            return (lambda batch, _tensors: (weights * batch.values).sum()), weights
+        # max_norm: the shared tensors get the clipped d = Σ w_i g_i, the heads their unclipped
+        # gradient, as from backward
+        if reused is not None:  # d from one gradient of the combined loss
+            combined = dataclasses.replace(
+                work, names=("the combined loss",), values=(weights @ work.values)[None]
+            )
+            direction = per_task_jacobian(combined, inputs, None)[0]
+        else:
+            direction = weights.to(rows.dtype) @ rows
+        factor = self._clip_factor(direction.square().sum())
+        return _corrected_total(weights, (factor - 1) * direction, inputs), weights
 
     def _report(self, batch: TaskLosses, weights: Tensor, before: Tensor | None) -> StepReport:
         scalars = {**self._failure_scalars(before), **self._step_scalars(batch.values)}
@@ -426,8 +449,12 @@ class GradientAggregation(Strategy):
             (slope,) = torch.autograd.grad(transformed.sum(), point)
         return jacobian * slope.to(jacobian.dtype)[:, None], transformed.detach()
 
-    def _weights_from_gramian(self, gramian: Tensor, losses: Tensor, index: Tensor) -> Tensor:
-        """:meth:`gramian_weights`, clipped by ``max_norm``, in the Gramian's dtype; then the
+    def _weights_from_gramian(
+        self, gramian: Tensor, losses: Tensor, index: Tensor, *, clip: bool = False
+    ) -> Tensor:
+        """:meth:`gramian_weights` (clipped by ``max_norm`` if ``clip``: for :meth:`aggregate`,
+        whose rows are the shared tensors' gradients; a step clips after its backward, see
+        :meth:`_clipped`), in the Gramian's dtype; then the
         step's :func:`~taskbalance.strategy.verdict` (the weights are known, ``.grad`` is not
         written yet). In a step to be discarded (a mixed-precision overflow, or a failed check
         with ``check_finite`` off) the method sees the identity instead of a possibly non-finite
@@ -436,7 +463,8 @@ class GradientAggregation(Strategy):
         if flag is not None:
             eye = torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
             gramian = eye if isinstance(flag, bool) else torch.where(flag, eye, gramian)
-        weights = self._clip_by_gramian(self.gramian_weights(gramian, losses, index), gramian)
+        weights = self.gramian_weights(gramian, losses, index)
+        weights = self._clip_by_gramian(weights, gramian) if clip else weights.to(gramian.dtype)
         weights = on_overflow(weights)
         verdict()
         return weights
@@ -445,53 +473,60 @@ class GradientAggregation(Strategy):
         """``weights`` clipped with ``‖d‖² = wᵀGw``, in the Gramian's dtype."""
         if self.max_norm > 0:
             work = weights.to(solver_dtype(gramian.device))
-            weights = self._clip(weights, work @ gramian.to(work.dtype) @ work)
+            squared = work @ gramian.to(work.dtype) @ work
+            weights = weights * self._clip_factor(squared).to(weights.dtype)
         return weights.to(gramian.dtype)
 
-    def _clip(self, weights: Tensor, squared_norm: Tensor) -> Tensor:
-        """``w · min(1, max_norm / (‖d‖ + 1e-6))``: clip_grad_norm_ of ``d``, folded into w."""
+    def _clip_factor(self, squared_norm: Tensor) -> Tensor:
+        """``min(1, max_norm / (‖d‖ + 1e-6))``, ``torch.nn.utils.clip_grad_norm_``'s factor for
+        ``‖d‖²`` (1 with ``max_norm = 0``)."""
         if self.max_norm == 0:
-            return weights
+            return torch.ones_like(squared_norm)
         norm = squared_norm.clamp(min=0).sqrt()
-        return weights * (self.max_norm / (norm + _CLIP_EPS)).clamp(max=1.0).to(weights.dtype)
+        return (self.max_norm / (norm + _CLIP_EPS)).clamp(max=1.0)
 
-    def _clipped_reused(
-        self,
-        batch: TaskLosses,
-        inputs: Sequence[Tensor],
-        scaler: torch.amp.GradScaler | None,
-        weights: Tensor,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Reused weights clipped with this step's ``‖Σ w_i g_i‖`` (one gradient of the combined
-        loss, no per-task gradients), and that clipped direction (``None`` without a clip)."""
-        weights = weights.to(batch.values.dtype)
+    @contextlib.contextmanager
+    def _clipped(
+        self, inputs: Sequence[Tensor], features: bool, scaler: torch.amp.GradScaler | None
+    ) -> Iterator[None]:
+        """``max_norm``: after the step in the block, this step's gradient of the shared
+        parameters is clipped to ``max_norm``, as the official Nash-MTL code's
+        ``clip_grad_norm_(shared_parameters, max_norm)`` after its backward; the heads are not
+        clipped. The shared parameters are ``shared_params``, or on ``features=`` the leaves the
+        features' graph reaches (the feature-space direction's norm says nothing about theirs).
+        Gradients accumulated in ``.grad`` before this step keep their size. No host sync."""
         if self.max_norm == 0:
-            return weights, None
-        combined = dataclasses.replace(
-            batch, names=("the combined loss",), values=torch.stack([weights @ batch.values])
-        )
-        direction = per_task_jacobian(combined, inputs, scaler)[0]
-        factor = self._clip(torch.ones_like(weights[:1]), direction.square().sum())
-        return weights * factor, direction * factor.to(direction.dtype)
+            yield
+            return
+        shared = [t for t in inputs if t.is_leaf and t.requires_grad]
+        if features:
+            shared += [leaf for leaf in graph_leaves(*inputs) if leaf.requires_grad]
+        earlier = [None if t.grad is None else t.grad.clone() for t in shared]
+        yield
+        pairs = [(t.grad, e) for t, e in zip(shared, earlier) if t.grad is not None]
+        if not pairs:
+            return
+        steps = [grad if before is None else grad - before for grad, before in pairs]
+        norms = torch.stack(torch._foreach_norm(steps))
+        squared = norms.to(solver_dtype(norms.device)).square().sum()
+        scale = loss_scale(scaler, squared.device)
+        if scale is not None:  # the gradients are those of the scaled loss
+            squared = squared / scale.to(squared.dtype).square()
+        factor = self._clip_factor(squared)
+        for (grad, before), step in zip(pairs, steps):
+            if before is None:
+                grad.mul_(factor.to(grad.dtype))
+            else:
+                grad.copy_(before.add_(step.mul_(factor.to(step.dtype))))
 
     def _backward_reused(
-        self,
-        batch: TaskLosses,
-        inputs: Sequence[Tensor],
-        scaler: torch.amp.GradScaler | None,
-        weights: Tensor,
+        self, batch: TaskLosses, scaler: torch.amp.GradScaler | None, weights: Tensor
     ) -> Tensor:
-        weights, direction = self._clipped_reused(batch, inputs, scaler, weights)
-        weights = on_overflow(weights)  # GradScaler skips this step: NaN gradients and weights
-        total = (weights * batch.values).sum()
-        if direction is not None and _plain_parameters(batch, inputs):
-            # The shared parameters get the clipped d; only the heads are backpropagated.
-            verdict()
-            scale = loss_scale(scaler, total.device)
-            backward_with_direction(total, inputs, on_overflow(direction), scale=scale)
-        else:
-            scaled_backward(total, scaler)
-        return weights
+        """A step with weights known before the gradients: one backward of ``Σ w_i L_i``."""
+        weights = on_overflow(weights.to(batch.values.dtype))  # one flagged already
+        scaled_backward((weights * batch.values).sum(), scaler)
+        check_watched_gradients()  # one in this backward
+        return on_overflow(weights)  # NaN in a step that GradScaler skips
 
     def _backward_gramian(
         self, batch: TaskLosses, inputs: Sequence[Tensor], scaler: torch.amp.GradScaler | None
@@ -574,6 +609,20 @@ class GradientAggregation(Strategy):
         else:
             _backward_replacing(total, inputs, direction, scaler)
         return on_overflow(torch.ones_like(detached))
+
+
+def _corrected_total(
+    weights: Tensor, correction: Tensor, inputs: Sequence[Tensor]
+) -> Callable[[TaskLosses, Sequence[Tensor]], Tensor]:
+    """``Σ w_i L_i + Σ_t ⟨t, c_t⟩`` with ``c`` a constant ``[P]``: its backward gives the shared
+    tensors ``t`` the combination's gradient plus ``c``, and the heads the combination's."""
+    pieces = correction.detach().split([t.numel() for t in inputs])
+
+    def total(batch: TaskLosses, tensors: Sequence[Tensor]) -> Tensor:
+        extra = sum((t * p.view_as(t).to(t.dtype)).sum() for t, p in zip(tensors, pieces))
+        return (weights * batch.values).sum() + extra
+
+    return total
 
 
 @contextlib.contextmanager

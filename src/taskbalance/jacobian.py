@@ -286,9 +286,11 @@ def inputs_reached(losses: Tensor, inputs: Sequence[Tensor]) -> list[set[int]] |
     return reached
 
 
-def graph_leaves(root: Tensor) -> list[Tensor]:
-    """Every leaf tensor (``AccumulateGrad`` node) that the graph of ``root`` reaches."""
-    variables = (getattr(node, "variable", None) for node in walk_graph(root.grad_fn))
+def graph_leaves(*roots: Tensor) -> list[Tensor]:
+    """Every leaf tensor (``AccumulateGrad`` node) that the graphs of ``roots`` reach, once."""
+    variables = (
+        getattr(node, "variable", None) for node in walk_graph(*(r.grad_fn for r in roots))
+    )
     return [v for v in variables if isinstance(v, Tensor)]
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "HALF",
     "Strategy",
     "TaskParameterOptimizer",
+    "check_watched_gradients",
     "discarded",
     "loss_scale",
     "mark_overflow",
@@ -1100,6 +1101,14 @@ def watch(root: Tensor) -> None:
     step = _STEP.get()
     if step is not None:
         step.watch(root)
+
+
+def check_watched_gradients() -> None:
+    """Flag now (no sync) an overflow in the gradients that :func:`watch` covers, for what
+    follows in the step (such as its reported weights); the transaction's end checks again."""
+    step = _STEP.get()
+    if step is not None:
+        step.check_gradients()
 
 
 def overflowed() -> bool:

@@ -39,7 +39,9 @@ What each check expects of a strategy:
   message names the parameter, each task that differs and by how much);
 * ``combine_matches_backward``: on both paths, ``total, report = s.combine(losses, ...)`` then
   ``total.backward()`` gives the gradients of ``s.backward(losses, ...)`` on every model
-  parameter, the same report weights and the same state afterwards;
+  parameter, the same report weights and the same state afterwards (a strategy with
+  ``max_norm > 0`` must instead refuse ``combine(features=...)``: that clip follows the
+  backward);
 * ``evaluation``: ``s(losses)`` on losses without a graph returns a finite scalar and changes no
   state;
 * ``declared_state``: every tensor the strategy keeps is declared: no plain tensor attribute
@@ -542,6 +544,9 @@ def check_objective_and_gradients(factory: Factory) -> None:
 def check_combine_matches_backward(factory: Factory) -> None:
     for path in PATHS:
         strategy, problem = factory(TASKS), ToyProblem.create(TASKS)
+        if path == "features" and getattr(strategy, "max_norm", 0) > 0:
+            _check_combine_refuses_a_clip(strategy, problem)
+            continue
         twin, twin_problem = copy.deepcopy(strategy), copy.deepcopy(problem)
         for step in range(2):
             what = f"{path} step {step}"
@@ -583,6 +588,28 @@ def check_combine_matches_backward(factory: Factory) -> None:
             _assert_close_state(_state(strategy), _state(twin), f"{what}: combine vs backward")
             problem.sgd_step()
             twin_problem.sgd_step()
+
+
+def _combine_path(strategy: Strategy) -> str:
+    """Where ``combine`` is checked: ``features`` unless the strategy clips with ``max_norm``,
+    whose ``combine`` refuses ``features=`` (:func:`_check_combine_refuses_a_clip`)."""
+    return "shared_params" if getattr(strategy, "max_norm", 0) > 0 else "features"
+
+
+def _check_combine_refuses_a_clip(strategy: Strategy, problem: ToyProblem) -> None:
+    """``max_norm`` on ``features=`` clips the trunk's gradient after the backward, which
+    ``combine`` leaves to the caller: it must refuse, naming ``max_norm``, and change nothing."""
+    before = _state(strategy)
+    losses, features = problem.losses(0)
+    try:
+        strategy.combine(losses, features=features)
+    except StrategyError as error:
+        assert "max_norm" in str(error), (
+            f"combine(features=...) refused without naming max_norm: {error}"
+        )
+    else:
+        raise AssertionError("combine(features=...) with max_norm > 0 must raise StrategyError")
+    _assert_close_state(before, _state(strategy), "a refused combine")
 
 
 def check_evaluation(factory: Factory) -> None:
@@ -696,6 +723,7 @@ def check_hooks(factory: Factory) -> None:
     losses, features = problem.losses(6)
     losses["b"] = losses["b"] * float("nan")
     kwargs = _path_kwargs(problem, features, "features")
+    combine_kwargs = _path_kwargs(problem, features, _combine_path(strategy))
     _expect_error(
         NonFiniteLossError,
         "'b'",
@@ -705,7 +733,7 @@ def check_hooks(factory: Factory) -> None:
     _expect_error(
         NonFiniteLossError,
         "'b'",
-        functools.partial(strategy.combine, losses, **kwargs),
+        functools.partial(strategy.combine, losses, **combine_kwargs),
         "combine with a NaN loss",
     )
     assert counts["on_train_step"] == 0, (
@@ -726,7 +754,7 @@ def check_hooks(factory: Factory) -> None:
     strategy, problem = factory(TASKS), ToyProblem.create(TASKS)
     counts = _count_hooks(strategy)
     losses, features = problem.losses(0)
-    kwargs = _path_kwargs(problem, features, "features")
+    kwargs = _path_kwargs(problem, features, _combine_path(strategy))
     if isinstance(strategy, LossWeighting) and not strategy.needs_grads:
         what = "s(losses) then s.combine(losses)"
         with _during("s(losses)"):
@@ -737,10 +765,11 @@ def check_hooks(factory: Factory) -> None:
         first_weights = torch.stack([g.reshape(()) for g in grads])
     else:
         what = "combine twice"
-        with _during(_call_name("combine", "features")):
+        with _during(_call_name("combine", _combine_path(strategy))):
             first_total, first_report = strategy.combine(losses, **kwargs)
         first_weights = first_report.weight_values
     after_one = _tensors(strategy)
+    kwargs = _path_kwargs(problem, features, _combine_path(strategy))  # a generator: anew
     with _during(f"the second call of {what}"):
         second_total, second_report = strategy.combine(losses, **kwargs)
     changed = _changed(after_one, _tensors(strategy))

@@ -52,22 +52,22 @@ class NashMTL(GradientAggregation):
       ``α = 1``.)
     * ``update_weights_every`` (default 1): solve for ``α`` every that many steps and reuse
       the last solution in between, as the official code does. A step that reuses it takes no
-      per-task gradients: one gradient of ``Σ α_i L_i`` w.r.t. the shared tensors gives this
-      step's ``‖d‖`` for the clip, and one backward finishes (heads only, for parameters). The
-      step counter is a buffer (saved with the state); the host keeps a copy of it, read from
+      per-task gradients: one backward of ``Σ α_i L_i``, then the clip. The step counter is a buffer (saved with the state); the host keeps a copy of it, read from
       the buffer only when something else wrote it (a restored or loaded state), so the decision
       costs no host sync in a run.
       With partial labels a reused step takes the stored ``α`` of the tasks present (``α = 1``
       for all of them if one has none yet).
     * ``max_norm`` (default 1.0, as in the official code; 0 disables): the official code calls
       ``clip_grad_norm_(shared_parameters, max_norm)`` after every backward, reused weights
-      included. Here the clip is folded into the weights, ``α ← α · min(1, max_norm /
-      (‖d‖ + 1e-6))`` with this step's ``‖d‖² = αᵀGα`` (``d`` w.r.t. the tensors passed as
-      ``shared_params`` or ``features``), so the shared update is the official clipped one,
-      and the task heads get the same factor (the official code leaves them unclipped). The
-      default clip is active whenever ``‖d‖ > 1``, e.g. at the solution for two tasks or more.
-    * The reported task weights are the clipped ``α``; the stored solution (buffer
-      ``last_weights``) is the unclipped one, re-clipped on every step that uses it.
+      included, and so does the engine: this step's gradient of the shared parameters (of
+      ``shared_params``, or on ``features=`` the parameters the features are computed from) is
+      scaled by ``min(1, max_norm / (‖d‖ + 1e-6))``; the heads keep ``α_i ∇L_i``. Gradients
+      accumulated before the step keep their size. The clip is active whenever ``‖d‖ > 1``: at
+      the bargaining solution ``‖d‖² = αᵀGα = k``. On ``features=`` ``α`` comes from the
+      features' Gramian and scales as ``1/‖g‖`` of their gradients, so the heads' update differs
+      from the official one by about the ratio of the two gradient norms; pass
+      ``shared_params`` to reproduce the paper. ``combine(features=...)`` refuses a clip.
+    * The reported task weights and the stored solution (buffer ``last_weights``) are ``α``.
 
     Scaling: ``d`` does not change when the gradients are scaled, jointly or per task.
 
