@@ -52,11 +52,11 @@ class NashMTL(GradientAggregation):
       ``α = 1``.)
     * ``update_weights_every`` (default 1): solve for ``α`` every that many steps and reuse
       the last solution in between, as the official code does. A step that reuses it takes no
-      per-task gradients: one backward of ``Σ α_i L_i``, then the clip. The step counter is a buffer (saved with the state); the host keeps a copy of it, read from
-      the buffer only when something else wrote it (a restored or loaded state), so the decision
-      costs no host sync in a run.
-      With partial labels a reused step takes the stored ``α`` of the tasks present (``α = 1``
-      for all of them if one has none yet).
+      per-task gradients: one backward of ``Σ α_i L_i``, then the clip. The step counter is a
+      buffer (saved with the state); the host keeps a copy of it, read from the buffer only
+      when something else wrote it (a restored or loaded state), so the decision costs no host
+      sync in a run. With partial labels a reused step takes the stored ``α`` of the tasks
+      present (``α = 1`` for all of them if one has none yet).
     * ``max_norm`` (default 1.0, as in the official code; 0 disables): the official code calls
       ``clip_grad_norm_(shared_parameters, max_norm)`` after every backward, reused weights
       included, and so does the engine: this step's gradient of the shared parameters (of
