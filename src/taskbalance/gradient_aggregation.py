@@ -403,7 +403,8 @@ class GradientAggregation(Strategy):
                 direction = self.aggregate_rows(
                     rows, detached, work.index, inputs if features else None
                 )
-            direction = direction * self._clip_factor(direction.square().sum())
+            if self.max_norm > 0:
+                direction = direction * self._clip_factor(direction.square().sum())
             ones = torch.ones_like(detached)
             return _corrected_total(ones, direction - rows.sum(0), inputs), ones
         if reused is not None:
@@ -479,9 +480,7 @@ class GradientAggregation(Strategy):
 
     def _clip_factor(self, squared_norm: Tensor) -> Tensor:
         """``min(1, max_norm / (‖d‖ + 1e-6))``, ``torch.nn.utils.clip_grad_norm_``'s factor for
-        ``‖d‖²`` (1 with ``max_norm = 0``)."""
-        if self.max_norm == 0:
-            return torch.ones_like(squared_norm)
+        ``‖d‖²`` (``max_norm > 0``)."""
         norm = squared_norm.clamp(min=0).sqrt()
         return (self.max_norm / (norm + _CLIP_EPS)).clamp(max=1.0)
 
