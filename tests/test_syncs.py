@@ -50,8 +50,8 @@ PATHS = (
 )
 RANDOM = {n for n in NAMES if not tb.registry.strategy_info(n).deterministic}
 
-# torch.linalg.eigh reads its error code back (torch has no eigh_ex): one sync more per step, in
-# solvers.spectrum, for the methods built on the Gramian's eigendecomposition.
+# torch.linalg.eigh reads its error code back (torch has no eigh_ex): one sync more per step for
+# the methods built on the Gramian's eigendecomposition.
 EIGH = str(torch.ops.aten._linalg_eigh.default)
 SPECTRAL = {"aligned_mtl", "config", "imtl", "imtl_g"}
 

@@ -21,8 +21,6 @@ nearly dependent gradients well resolved. The weights come back in ``G``'s dtype
   together beyond.
 * :func:`nash_weights` (:func:`nash_solution`) — Nash-MTL's bargaining system ``G α = 1/α``,
   ``α > 0``.
-* :func:`spectrum` — ``torch.linalg.eigh`` for the methods built on the Gramian's
-  eigendecomposition (IMTL-G, ConFIG, Aligned-MTL): the one host sync a solver here makes.
 
 Gradient norms of very different sizes (the two interior-point solvers): their optimality
 conditions are tested per task, each in the units of that task's own gradient norm, so a task
@@ -34,8 +32,8 @@ off its support. The first candidate, before any iteration, is the solution on t
 simplex's face (every task present): the answer for gradients that conflict little, such as
 nearly orthogonal ones, which then cost one linear system.
 
-Host synchronisation: none but :func:`spectrum`'s. Each solver has a ``*_solution`` form that
-returns a :class:`Solution` (the weights, a 0-dim bool tensor ``ok`` saying whether they meet the
+Host synchronisation: none. Each solver has a ``*_solution`` form that returns a
+:class:`Solution` (the weights, a 0-dim bool tensor ``ok`` saying whether they meet the
 tolerance, and a message builder for a failure); the ``*_weights`` form checks ``ok`` (one host
 read) and raises :class:`~taskbalance.SolverError`. An iterate that meets the tolerance is kept
 and never moved again, so the answer does not depend on when the loop ends, and
@@ -67,7 +65,6 @@ __all__ = [
     "nash_weights",
     "read_if_free",
     "solver_dtype",
-    "spectrum",
 ]
 
 _ROUNDING = 64  # the rounding allowance of a tested quantity, in epsilons of the size of its terms
@@ -103,24 +100,6 @@ def read_if_free(flag: Tensor) -> bool | None:
     a shortcut whose general path gives the same answer. The one place where the solvers read a
     tensor on the CPU."""
     return bool(flag) if flag.device.type == "cpu" else None
-
-
-def spectrum(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh(matrix)`` (eigenvalues ascending, eigenvectors as columns), NaN where
-    ``matrix`` has a non-finite entry.
-
-    LAPACK and cuSOLVER fail to converge on such a matrix and ``eigh`` raises; a NaN or an
-    overflowing gradient in a step that ``check_finite = False`` skips must not raise, so the
-    decomposition is taken of a zero matrix instead and its results turned into NaN.
-
-    This is one host sync on a GPU: ``eigh`` reads its error code back, and torch has no form
-    without that check (no ``eigh_ex``). A device-side replacement (parallel Jacobi with a fixed
-    number of sweeps) would launch ``(k − 1)`` dependent rounds of several kernels per sweep, six
-    to ten sweeps: hundreds of launches at ``k = 10``, against one sync.
-    """
-    finite = torch.isfinite(matrix).all()
-    values, vectors = torch.linalg.eigh(torch.where(finite, matrix, 0.0))
-    return torch.where(finite, values, torch.nan), torch.where(finite, vectors, torch.nan)
 
 
 class EarlyStop:

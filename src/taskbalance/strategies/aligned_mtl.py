@@ -11,7 +11,7 @@ from torch import Tensor
 from taskbalance.errors import StrategyError
 from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
-from taskbalance.solvers import solver_dtype, spectrum
+from taskbalance.solvers import solver_dtype
 
 ScaleMode = Literal["min", "median", "rmse"]
 
@@ -33,7 +33,7 @@ def aligned_weights(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
     work = 0.5 * (work + work.mT)
     scale = work.diagonal().max()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    values, vectors = spectrum(work / scale)  # ascending; weights are scale-free
+    values, vectors = torch.linalg.eigh(work / scale)  # ascending; weights are scale-free
     keep = values > values.max().clamp(min=0) * count * tolerance_eps
     kept = keep.sum()
     if scale_mode == "min":

@@ -11,7 +11,7 @@ from torch import Tensor
 from taskbalance.errors import StrategyError
 from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
-from taskbalance.solvers import solver_dtype, spectrum
+from taskbalance.solvers import solver_dtype
 from taskbalance.strategies.upgrad import preference_buffer
 
 
@@ -78,7 +78,7 @@ class ConFIG(GradientAggregation):
         norms = g.diagonal().clamp(min=0).sqrt()
         inverse_norms = torch.where(norms > 0, 1 / norms.clamp(min=torch.finfo(g.dtype).tiny), 0)
         cosines = inverse_norms[:, None] * g * inverse_norms[None, :]
-        values, vectors = spectrum(cosines)
+        values, vectors = torch.linalg.eigh(cosines)
         keep = values > rcond * values.amax().clamp(min=0)
         inverse_values = torch.where(keep, 1 / torch.where(keep, values, 1.0), 0.0)
         pref = self.pref[index].to(g.dtype)

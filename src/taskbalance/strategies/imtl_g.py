@@ -7,7 +7,7 @@ from torch import Tensor
 
 from taskbalance.gradient_aggregation import GradientAggregation
 from taskbalance.registry import register_strategy
-from taskbalance.solvers import solver_dtype, spectrum
+from taskbalance.solvers import solver_dtype
 
 PAPER = (
     "Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, 'Towards Impartial Multi-task Learning', "
@@ -38,7 +38,7 @@ def imtl_g_weights(gramian: Tensor, *, rcond: float = 1e-10) -> Tensor:
     present = norms > 0
     inverse_norms = torch.where(present, 1 / torch.where(present, norms, 1.0), 0.0)
     cosines = work * torch.outer(inverse_norms, inverse_norms)
-    values, vectors = spectrum(cosines)
+    values, vectors = torch.linalg.eigh(cosines)
     keep = values > rcond * values.max().clamp(min=0)
     inverse = torch.where(keep, 1 / torch.where(keep, values, torch.ones_like(values)), 0.0)
     raw = inverse_norms * (vectors @ (inverse * (vectors.mT @ present.to(work.dtype))))
