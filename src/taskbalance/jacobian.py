@@ -487,6 +487,16 @@ def _split(tensors: Sequence[Tensor], flat: Tensor) -> dict[Tensor, Tensor]:
     return {tensor: piece.view_as(tensor) for tensor, piece in zip(tensors, pieces)}
 
 
+def _backward_targets(
+    inputs: Sequence[Tensor], layers: Sequence[_LinearLayer], extra: Sequence[Tensor] = ()
+) -> tuple[list[Tensor], list[Tensor | GradientEdge]]:
+    """What a per-task backward through ``layers`` is taken to: each layer's output, the
+    ``inputs`` the layers do not cover (also returned alone, as ``rest``), then ``extra``."""
+    covered = {id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None}
+    rest = [t for t in inputs if id(t) not in covered]
+    return rest, [*(GradientEdge(layer.node, 0) for layer in layers), *rest, *extra]
+
+
 def _task_pieces(
     losses: Tensor,
     inputs: Sequence[Tensor],
@@ -498,8 +508,7 @@ def _task_pieces(
 ) -> _TaskPieces:
     """One ``torch.autograd.grad`` per task (from its own root) to the output of each of
     ``layers``, to the other ``inputs`` and to ``extra``; unscaled only if ``scale`` is None."""
-    covered = {id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None}
-    rest = [t for t in inputs if id(t) not in covered]
+    rest, targets = _backward_targets(inputs, layers, extra)
     roots = _per_task_roots(losses)
     count = losses.shape[0]
     dtype = torch.promote_types(losses.dtype, inputs[0].dtype)
@@ -514,11 +523,6 @@ def _task_pieces(
     ]
     sizes = [t.numel() for t in rest]
     rows = torch.zeros(count, sum(sizes), dtype=dtype, device=one.device)
-    targets: list[Tensor | GradientEdge] = [
-        *(GradientEdge(layer.node, 0) for layer in layers),
-        *rest,
-        *extra,
-    ]
     extra_grads: list[list[Tensor | None]] = []
     for i in range(count):
         root: Tensor | GradientEdge | None = losses[i] if roots is None else roots[i]

@@ -10,7 +10,12 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from taskbalance.gradient_aggregation import _check_squared, per_task_jacobian
-from taskbalance.jacobian import _linear_layers, _LinearLayer, _per_task_roots
+from taskbalance.jacobian import (
+    _backward_targets,
+    _linear_layers,
+    _LinearLayer,
+    _per_task_roots,
+)
 from taskbalance.report import StepReport
 from taskbalance.strategy import (
     Strategy,
@@ -334,12 +339,7 @@ def _kernel_norms(
     backward returns, into one reused ``(x xᵀ) D_i`` buffer per layer. Keeping every ``D_i``, as
     the Gramian needs, would hold ``k`` of them and copy each once more."""
     roots = _per_task_roots(values)
-    covered = {id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None}
-    rest = [t for t in inputs if id(t) not in covered]
-    targets: list[Tensor | GradientEdge] = [
-        *(GradientEdge(layer.node, 0) for layer in layers),
-        *rest,
-    ]
+    _, targets = _backward_targets(inputs, layers)
     dtype = torch.promote_types(values.dtype, inputs[0].dtype)
     one = torch.ones((), dtype=values.dtype, device=values.device)
     unscale = one.new_ones((), dtype=dtype)
